@@ -1,0 +1,52 @@
+"""Everything that sets weights: baselines, data-dependent peers, k-means, and the ``initialize_`` entry point."""
+from __future__ import annotations
+
+import torch.nn as nn
+from torch import Tensor
+
+from .baselines import fans, he_, lsuv_, normal_, whitening_, xavier_
+from .kmeans import joint_objective, kmeans_init_, scale_filters_
+from .report import InitReport, LayerReport
+
+__all__ = [
+    "initialize_", "METHODS", "PRESETS", "kmeans_init_", "joint_objective", "normal_", "xavier_", "he_",
+    "lsuv_", "whitening_", "scale_filters_", "fans", "InitReport", "LayerReport",
+]
+
+#: k-means presets: keyword arguments of :func:`kmeans_init_`; explicit options override them.
+PRESETS: dict[str, dict] = {
+    # The recommended default (see docs/results/study.md for the evidence behind it).
+    "kmeans": dict(mode="joint", solver="lloyd"),
+    # The paper as written: joint objective summed over patches, lambda = 100, momentum SGD for
+    # 10,000 steps on batches of 64, unit-norm filters.
+    "kmeans-paper": dict(mode="joint", solver="gradient", steps=10_000, batch_size=64, reduction="sum",
+                         cosine_weight=100.0, scale="unit", momentum=0.9),
+    # Kraehenbuehl et al. (2015): spherical k-means layer by layer, earlier layers fixed.
+    "kmeans-layerwise": dict(mode="layerwise", solver="lloyd"),
+}
+
+_DATA_FREE = {"normal": normal_, "xavier": xavier_, "he": he_}
+_DATA = {"lsuv": lsuv_, "whitening": whitening_}
+METHODS = tuple(_DATA_FREE) + tuple(_DATA) + tuple(PRESETS)
+
+
+def initialize_(model: nn.Module, method: str, images: Tensor | None = None, **options) -> InitReport:
+    """Initialize every conv (and linear) layer of ``model`` in place by ``method``; return an :class:`InitReport`.
+
+    Methods: ``"normal"`` (std 1e-3), ``"xavier"``, ``"he"`` (no data); ``"lsuv"``, ``"whitening"``,
+    ``"kmeans"`` (recommended preset), ``"kmeans-paper"`` (the paper's recipe), ``"kmeans-layerwise"``
+    (these need ``images``). ``options`` go to the underlying function and override a preset's values.
+    Data-free methods set linear layers too; the k-means presets set conv layers (pass
+    ``include_linear=True`` for linear ones) and leave others at their current values.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown init method {method!r}; valid: {', '.join(METHODS)}")
+    if method in _DATA_FREE:
+        return _DATA_FREE[method](model, **options)
+    if images is None:
+        raise ValueError(f"init method {method!r} needs images (an unlabelled image tensor)")
+    if method in _DATA:
+        return _DATA[method](model, images, **options)
+    report = kmeans_init_(model, images, **{**PRESETS[method], **options})
+    report.method = method
+    return report

@@ -1,0 +1,492 @@
+"""Data-dependent k-means initialization: joint (Zhou, sec. 3.2) and layer-wise (Kraehenbuehl et al. 2015).
+
+Everything is in convolution form (see :mod:`kmeansinit.objectives`): assignments come from one
+convolution with unit filters, each cluster's sum of assigned patches from one conv weight-gradient.
+
+Solvers
+-------
+``"gradient"`` (the paper): one loss, the sum over layers of the spherical k-means objective (eq. 3)
+minus ``cosine_weight`` times the cosine penalty (eq. 4); SGD with momentum on every filter at once,
+forward through BN (batch statistics) and ReLU, gradients through earlier layers.
+
+``"lloyd"`` (ours, the default): block-coordinate ascent of the same joint objective. Layers in
+forward order; for each, spherical-k-means Lloyd steps on its inputs with the earlier layers at their
+new values (each Lloyd step maximizes that layer's term exactly for fixed assignments), then
+``refine_steps`` Adam steps on the full joint loss (couplings between layers and the cosine term).
+``mode="layerwise"`` is the same first phase with no joint refinement: Kraehenbuehl et al.'s method.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..layers import GatedConv2d
+from ..objectives import cosine_penalty, filter_responses, kmeans_objective, masked_patch_sums, patch_sq_norms, unit_filters
+from ._model import Taps, batchnorm_train_mode, check_images, find_layers, forward_order, preserved_state
+from .report import InitReport, LayerReport
+
+__all__ = ["kmeans_init_", "joint_objective", "scale_filters_"]
+
+_EPS = 1e-8
+MODES = ("joint", "layerwise")
+SOLVERS = ("lloyd", "gradient")
+SCALES = ("unit", "he")
+PREPROCESS = ("none", "center")
+
+
+@dataclass
+class _Target:
+    name: str
+    module: nn.Module
+    perm: Tensor  # perm[i] = layer-layout filter index of conv-layout (bank-major) position i
+    banks: int
+
+    @property
+    def filters(self) -> int:
+        return self.module.weight.shape[0]
+
+    @property
+    def per_bank(self) -> int:
+        return self.filters // self.banks
+
+
+def _target(name: str, m: nn.Module) -> _Target:
+    k = m.weight.shape[0]
+    idx = torch.arange(k)
+    if isinstance(m, GatedConv2d):
+        idx = m.conv_weight(idx.reshape(k, 1, 1, 1)).reshape(-1)
+    banks = 1 if isinstance(m, nn.Linear) else m.groups
+    return _Target(name, m, idx, banks)
+
+
+def _to_layer_order(t: _Target, v: Tensor) -> Tensor:
+    out = torch.empty_like(v)
+    out[t.perm] = v
+    return out
+
+
+def _expand(v: Tensor, like: Tensor) -> Tensor:
+    return v.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def scale_filters_(weight: Tensor, scale: str) -> Tensor:
+    """Rescale every filter in place: ``"unit"`` to norm 1 (the paper), ``"he"`` to norm sqrt(2).
+
+    sqrt(2) is the expected norm of a He-normal filter (``E||w||^2 = fan_in * 2 / fan_in``), so the
+    k-means directions start training with the weight scale, hence the effective learning rate of
+    BN-normalized layers, that the standard He init gives.
+    """
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    with torch.no_grad():
+        weight.copy_(unit_filters(weight) * (math.sqrt(2.0) if scale == "he" else 1.0))
+    return weight
+
+
+class _LayerInputs:
+    """One layer's inputs over all init images, in fixed chunks: cached when small, else recomputed."""
+
+    def __init__(self, taps: Taps, images: Tensor, name: str, batch_size: int, cache_bytes: int):
+        self.taps, self.images, self.name = taps, images, name
+        self.chunks = list(images.split(batch_size))
+        self.cache_bytes = cache_bytes
+        self.cache: list[Tensor] | None = None
+        self.mean: Tensor | None = None
+
+    def _compute(self, chunk: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.taps.run(chunk, stop_at=self.name)[self.name].detach()
+
+    def __iter__(self):
+        if self.cache is not None:
+            yield from self.cache
+            return
+        kept, size = [], 0
+        for chunk in self.chunks:
+            x = self._compute(chunk)
+            size += x.numel() * x.element_size()
+            if kept is not None:
+                kept = kept + [x] if size <= self.cache_bytes else None
+            yield x
+        if kept is not None:
+            self.cache = kept
+
+    def count_patches(self, m: nn.Module) -> int:
+        return sum(patch_sq_norms(x[:1], m).shape[-1] * x.shape[0] if not isinstance(m, nn.Linear) else x.reshape(-1, x.shape[-1]).shape[0] for x in self)
+
+
+def _centering(inputs: _LayerInputs, m: nn.Module):
+    total, count = None, 0
+    for x in inputs:
+        dims = [0] + list(range(2, x.dim())) if not isinstance(m, nn.Linear) else list(range(x.dim() - 1))
+        s = x.sum(dim=dims)
+        total = s if total is None else total + s
+        count += x.numel() // s.numel()
+    mean = total / count
+    shape = (1, -1) + (1,) * (inputs.chunks[0].dim() - 2) if not isinstance(m, nn.Linear) else (-1,)
+
+    def prep(x: Tensor) -> Tensor:
+        if isinstance(m, nn.Linear):
+            return x - mean
+        return x - mean.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+    return prep
+
+
+def _pick_patches(t: _Target, inputs, prep, want: Tensor, score_fn) -> Tensor:
+    """Filters (layer layout) holding, for each ``want``-ed filter, the patch of its bank with the lowest score.
+
+    ``want`` is a bool mask over filters (layer layout). Zero patches are never picked.
+    """
+    m, g, kb = t.module, t.banks, t.per_bank
+    want_conv = want[t.perm].reshape(g, kb)
+    need = want_conv.sum(dim=1)
+    best = [[] for _ in range(g)]  # per bank: (score, chunk, flat position)
+    for ci, x in enumerate(inputs):
+        x = prep(x)
+        sq = patch_sq_norms(x, m)[:, :, 0, :]  # (N, G, L)
+        score = score_fn(x, sq).masked_fill(sq <= _EPS, math.inf)
+        for b in range(g):
+            k = int(need[b])
+            if k == 0:
+                continue
+            flat = score[:, b, :].reshape(-1)
+            vals, pos = torch.topk(flat, min(k, flat.numel()), largest=False)
+            best[b].extend((float(v), ci, int(p)) for v, p in zip(vals, pos) if math.isfinite(float(v)))
+    fills = {}  # chunk -> list of (bank, filter-in-bank, flat position)
+    for b in range(g):
+        k = int(need[b])
+        chosen = sorted(best[b])[:k]
+        if len(chosen) < k:
+            raise ValueError(f"layer {t.name}: fewer non-zero input patches than filters; give more (or more varied) images")
+        slots = torch.nonzero(want_conv[b]).reshape(-1).tolist()
+        for slot, (_, ci, p) in zip(slots, chosen):
+            fills.setdefault(ci, []).append((b, slot, p))
+    out = torch.zeros_like(m.weight, memory_format=torch.contiguous_format).detach()
+    for ci, x in enumerate(inputs):
+        if ci not in fills:
+            continue
+        x = prep(x)
+        shape = filter_responses(x[:1], m, out, normalize=False).shape
+        n_pos = shape[-1] if not isinstance(m, nn.Linear) else 1
+        rows = x.shape[0] if not isinstance(m, nn.Linear) else x.reshape(-1, x.shape[-1]).shape[0]
+        mask = x.new_zeros(rows, g, kb, n_pos)
+        for b, slot, p in fills[ci]:
+            mask[p // n_pos, b, slot, p % n_pos] = 1.0
+        out += masked_patch_sums(x, m, mask, out)
+    return out
+
+
+def _lloyd(t: _Target, inputs, prep, iters: int, gen: torch.Generator) -> tuple[Tensor, int]:
+    """Spherical k-means on one layer's input patches; returns unit filters (layer layout) and iterations run."""
+    m = t.module
+    everything = torch.ones(t.filters, dtype=torch.bool)
+    w = unit_filters(_pick_patches(t, inputs, prep, everything, lambda x, sq: torch.rand(sq.shape, generator=gen)))
+    done = 0
+    for _ in range(iters):
+        sums = torch.zeros_like(w)
+        counts = torch.zeros(t.filters, dtype=torch.float64)
+        for x in inputs:
+            x = prep(x)
+            r = filter_responses(x, m, w, normalize=False)
+            mask = torch.zeros_like(r).scatter_(2, r.argmax(dim=2, keepdim=True), 1.0)
+            counts += mask.sum(dim=(0, 3)).reshape(-1).double()
+            sums += masked_patch_sums(x, m, mask, w)
+        counts = _to_layer_order(t, counts)
+        new = unit_filters(sums)
+        dead = (counts == 0) | (sums.flatten(1).norm(dim=1) <= _EPS)
+        if bool(dead.any()):
+            live_conv = (~dead)[t.perm].reshape(1, t.banks, t.per_bank, 1)
+
+            def farthest(x, sq, new=new, live_conv=live_conv):
+                r = filter_responses(x, m, new, normalize=False).masked_fill(~live_conv, -math.inf)
+                return r.amax(dim=2) / sq.clamp_min(_EPS).sqrt()
+
+            seeded = _pick_patches(t, inputs, prep, dead, farthest)
+            new = torch.where(_expand(dead, new), unit_filters(seeded), new)
+        done += 1
+        shift = (new - w).flatten(1).norm(dim=1).max()
+        w = new
+        if float(shift) < 1e-6:
+            break
+    return w, done
+
+
+def _joint_terms(taps: Taps, batch: Tensor, targets: list[_Target], weights: dict[str, Tensor], reduction: str):
+    overrides = {f"{t.name}.weight": weights[t.name] for t in targets}
+    inputs = taps.run(batch, overrides, stop_at=targets[-1].name)
+    return [kmeans_objective(inputs[t.name], t.module, reduction, weight=weights[t.name]) for t in targets]
+
+
+def _evaluate(taps, images, targets, weights, reduction, batch_size, cosine_weight):
+    """Per-layer objectives (averaged over chunks of ``batch_size``), penalties, joint value."""
+    totals = [0.0] * len(targets)
+    chunks = list(images.split(batch_size))
+    with torch.no_grad():
+        for chunk in chunks:
+            for i, v in enumerate(_joint_terms(taps, chunk, targets, weights, reduction)):
+                totals[i] += float(v) / len(chunks)
+        pens = [float(cosine_penalty(weights[t.name])) for t in targets]
+    joint = sum(totals) - cosine_weight * sum(pens)
+    return totals, pens, joint
+
+
+def _gradient_phase(taps, images, targets, weights, *, steps, lr, optimizer, momentum, batch_size,
+                    cosine_weight, reduction, renormalize, gen, bar):
+    params = {t.name: weights[t.name].detach().clone().requires_grad_(True) for t in targets}
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(list(params.values()), lr=lr, momentum=momentum)
+    else:
+        opt = torch.optim.Adam(list(params.values()), lr=lr)
+    n = images.shape[0]
+    bs = min(batch_size, n)
+    order, pos = torch.randperm(n, generator=gen), 0
+    for _ in range(steps):
+        if pos + bs > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        batch = images[order[pos:pos + bs]]
+        pos += bs
+        with torch.enable_grad():
+            objs = _joint_terms(taps, batch, targets, params, reduction)
+            loss = -sum(objs)
+            if cosine_weight:
+                loss = loss + cosine_weight * sum(cosine_penalty(params[t.name]) for t in targets)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        opt.step()
+        if renormalize:
+            with torch.no_grad():
+                for p in params.values():
+                    p.copy_(unit_filters(p))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"joint k-means loss became {float(loss)}; lower lr (now {lr})")
+        bar.update(1)
+    return {k: v.detach() for k, v in params.items()}
+
+
+def _default_lr(solver: str, reduction: str) -> float:
+    if solver == "lloyd":
+        return 1e-3  # Adam refinement: a step of 1e-3 per element on unit filters
+    return 1e-5 if reduction == "sum" else 1e-2
+
+
+def kmeans_init_(
+    model: nn.Module,
+    images: Tensor,
+    *,
+    mode: str = "joint",
+    solver: str = "lloyd",
+    steps: int | None = None,
+    refine_steps: int | None = None,
+    batch_size: int = 64,
+    lr: float | None = None,
+    momentum: float = 0.9,
+    cosine_weight: float = 100.0,
+    reduction: str = "sum",
+    scale: str = "he",
+    preprocess: str = "none",
+    layers=None,
+    include_linear: bool = False,
+    renormalize: bool = False,
+    cache_bytes: int = 512 * 2**20,
+    seed: int = 0,
+    progress: bool = True,
+) -> InitReport:
+    """Set the weights of every conv (and, with ``include_linear``, linear) layer of ``model`` by k-means, in place.
+
+    The objective of one layer is eq. 3, ``max_k <x_i, w_k/||w_k||>`` reduced over its input patches
+    ``x_i`` (``reduction="sum"`` as in the paper, ``"mean"`` as in the authors' code). The joint loss
+    maximized by ``mode="joint"`` is ``sum_l objective_l - cosine_weight * sum_l cosine_penalty_l``
+    (eqs. 3-5; the paper uses ``cosine_weight=100``), evaluated with BN layers in train mode (batch
+    statistics), dropout off, and gradients flowing through earlier layers.
+
+    Args:
+        model: any ``nn.Module`` taking one image tensor; its supported layers are found by type.
+        images: unlabelled float images, ``(N, C, ...)``, already normalized as for training.
+        mode: ``"joint"`` (the paper, sec. 3.2) or ``"layerwise"`` (Kraehenbuehl et al. 2015: k-means
+            layer by layer in forward order, earlier layers fixed, no cosine term).
+        solver: ``"lloyd"`` (default: per-layer Lloyd steps, then ``refine_steps`` Adam steps on the
+            joint loss) or ``"gradient"`` (the paper: ``steps`` momentum-SGD steps on the joint loss).
+        steps: Lloyd iterations per layer (default 10) or gradient steps (default 10,000, the paper).
+        refine_steps: joint Adam steps after the Lloyd phase (default 50; 0 in layerwise mode).
+        batch_size: images per gradient step (paper: 64); also the chunk size of every forward pass,
+            hence of the BN batch statistics.
+        lr: step size (defaults: Adam 1e-3 for the refinement; SGD 1e-5 for ``reduction="sum"``,
+            1e-2 for ``"mean"``, with filters starting at unit norm).
+        cosine_weight: lambda of eq. 5 (paper: 100).
+        scale: final filter norm, ``"he"`` (default; sqrt(2), the expected He-normal norm, so training
+            starts at the usual effective learning rate) or ``"unit"`` (the paper).
+        preprocess: ``"none"`` (the paper) or ``"center"`` (subtract each layer's per-channel input mean
+            before clustering).
+        layers: None (all), an int N (the first N layers in forward order), or a list of module names.
+        renormalize: project filters back to unit norm after every gradient step (the authors' code).
+        cache_bytes: layer inputs up to this size are kept in memory between Lloyd steps; larger ones
+            are recomputed chunk by chunk, so memory does not grow with the number of images.
+        seed: seeds every random choice; same seed and images give the same weights.
+        progress: show a progress bar.
+
+    Biases of the initialized layers are set to zero; every other parameter and buffer (BN running
+    statistics included), every module's train/eval mode and ``requires_grad`` are left as they were.
+
+    Returns:
+        An :class:`InitReport` with each layer's objective before and after, cosine penalty, steps, seconds.
+    """
+    start = time.perf_counter()
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    if preprocess not in PREPROCESS:
+        raise ValueError(f"preprocess must be one of {PREPROCESS}, got {preprocess!r}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if mode == "layerwise" and solver != "lloyd":
+        raise ValueError("mode='layerwise' runs spherical k-means (solver='lloyd'); solver='gradient' is joint only")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if cosine_weight < 0:
+        raise ValueError(f"cosine_weight must be >= 0, got {cosine_weight}")
+    images = check_images(images, min_count=2)
+    if steps is None:
+        steps = 10 if solver == "lloyd" else 10_000
+    if refine_steps is None:
+        refine_steps = 50 if (mode == "joint" and solver == "lloyd") else 0
+    if mode == "layerwise":
+        refine_steps, cosine_weight = 0, 0.0
+    if steps < 0 or refine_steps < 0:
+        raise ValueError("steps and refine_steps must be >= 0")
+    lr = _default_lr(solver, reduction) if lr is None else lr
+    gen = torch.Generator().manual_seed(seed)
+
+    found = find_layers(model, include_linear=include_linear, layers=layers)
+    keep = {f"{n}.weight" for n in found} | {f"{n}.bias" for n in found if found[n].bias is not None}
+    options = dict(mode=mode, solver=solver, steps=steps, refine_steps=refine_steps, batch_size=batch_size,
+                   lr=lr, momentum=momentum, cosine_weight=cosine_weight, reduction=reduction, scale=scale,
+                   preprocess=preprocess, renormalize=renormalize, seed=seed, images=int(images.shape[0]))
+
+    with preserved_state(model, keep), batchnorm_train_mode(model), torch.no_grad():
+        order = forward_order(model, found, images[: min(batch_size, images.shape[0])])
+        if isinstance(layers, int):
+            if layers < 1:
+                raise ValueError(f"layers must be >= 1 when an int, got {layers}")
+            order = order[:layers]
+        targets = [_target(n, found[n]) for n in order]
+        with Taps(model, {t.name: t.module for t in targets}) as taps:
+            weights = {t.name: t.module.weight.detach().clone() for t in targets}
+            before, _, joint_before = _evaluate(taps, images, targets, weights, reduction, batch_size, cosine_weight)
+            reports = [LayerReport(t.name, t.filters, objective_before=b) for t, b in zip(targets, before)]
+            total = (steps * len(targets) if solver == "lloyd" else steps) + refine_steps
+            bar = _progress(total, progress, f"k-means init ({mode}, {solver})")
+            try:
+                if solver == "lloyd":
+                    for t, rep in zip(targets, reports):
+                        t0 = time.perf_counter()
+                        inputs = _LayerInputs(taps, images, t.name, batch_size, cache_bytes)
+                        patches = inputs.count_patches(t.module)
+                        if patches < t.per_bank:
+                            raise ValueError(
+                                f"layer {t.name}: {patches} input patches for {t.per_bank} filters per bank; "
+                                "give more images"
+                            )
+                        prep = _centering(inputs, t.module) if preprocess == "center" else (lambda x: x)
+                        w, done = _lloyd(t, inputs, prep, steps, gen)
+                        bar.update(steps)
+                        # Later layers cluster the inputs they will really see: this layer's filters at
+                        # their final scale (it matters where no BN follows, e.g. before a gate).
+                        weights[t.name] = scale_filters_(w.to(t.module.weight.dtype), scale)
+                        t.module.weight.copy_(weights[t.name])
+                        if t.module.bias is not None:
+                            t.module.bias.zero_()
+                        rep.steps, rep.seconds = done, time.perf_counter() - t0
+                    if refine_steps:
+                        t0 = time.perf_counter()
+                        weights = _gradient_phase(taps, images, targets, weights, steps=refine_steps, lr=lr,
+                                                  optimizer="adam", momentum=momentum, batch_size=batch_size,
+                                                  cosine_weight=cosine_weight, reduction=reduction,
+                                                  renormalize=renormalize, gen=gen, bar=bar)
+                        for rep in reports:
+                            rep.steps += refine_steps
+                            rep.seconds += (time.perf_counter() - t0) / len(reports)
+                else:
+                    t0 = time.perf_counter()
+                    for t in targets:
+                        _check_patches(taps, images, batch_size, t)
+                    weights = {k: scale_filters_(v.clone(), scale) for k, v in weights.items()}
+                    weights = _gradient_phase(taps, images, targets, weights, steps=steps, lr=lr, optimizer="sgd",
+                                              momentum=momentum, batch_size=batch_size, cosine_weight=cosine_weight,
+                                              reduction=reduction, renormalize=renormalize, gen=gen, bar=bar)
+                    for rep in reports:
+                        rep.steps, rep.seconds = steps, (time.perf_counter() - t0) / len(reports)
+            finally:
+                bar.close()
+            final = {}
+            for t in targets:
+                w = weights[t.name]
+                if not torch.isfinite(w).all() or bool((w.flatten(1).norm(dim=1) <= _EPS).any()):
+                    raise FloatingPointError(f"layer {t.name}: k-means produced a zero or non-finite filter")
+                final[t.name] = scale_filters_(w.clone(), scale)
+            after, pens, joint_after = _evaluate(taps, images, targets, final, reduction, batch_size, cosine_weight)
+            for t, rep, a, p in zip(targets, reports, after, pens):
+                rep.objective_after, rep.cosine_after = a, p
+    # Written after preserved_state restored everything else, so only these tensors change.
+    with torch.no_grad():
+        for t in targets:
+            t.module.weight.copy_(final[t.name])
+            if t.module.bias is not None:
+                t.module.bias.zero_()
+    return InitReport(method=f"kmeans-{mode}", layers=reports, options=options,
+                      seconds=time.perf_counter() - start, joint_before=joint_before, joint_after=joint_after)
+
+
+def _check_patches(taps: Taps, images: Tensor, batch_size: int, t: _Target) -> None:
+    x = taps.run(images[: min(batch_size, images.shape[0])], stop_at=t.name)[t.name]
+    rows = x.reshape(-1, x.shape[-1]).shape[0] // x.shape[0] if isinstance(t.module, nn.Linear) else 1
+    per_image = rows * filter_responses(x[:1], t.module, normalize=False).shape[-1]
+    # The gradient solver samples the whole image set over its run, so count patches over all images.
+    n = images.shape[0] * per_image
+    if n < t.per_bank:
+        raise ValueError(f"layer {t.name}: {n} input patches for {t.per_bank} filters per bank; give more images")
+
+
+def joint_objective(model: nn.Module, images: Tensor, *, cosine_weight: float = 100.0, reduction: str = "sum",
+                    batch_size: int = 64, layers=None, include_linear: bool = False) -> float:
+    """The joint loss that joint k-means maximizes, for the model's current weights, on ``images``.
+
+    ``sum_l objective_l - cosine_weight * sum_l cosine_penalty_l``, the objectives averaged over
+    chunks of ``batch_size`` images (BN in train mode per chunk). The model is left unchanged.
+    """
+    images = check_images(images)
+    found = find_layers(model, include_linear=include_linear, layers=layers)
+    with preserved_state(model, set()), batchnorm_train_mode(model), torch.no_grad():
+        order = forward_order(model, found, images[: min(batch_size, images.shape[0])])
+        if isinstance(layers, int):
+            order = order[:layers]
+        targets = [_target(n, found[n]) for n in order]
+        with Taps(model, {t.name: t.module for t in targets}) as taps:
+            weights = {t.name: t.module.weight for t in targets}
+            return _evaluate(taps, images, targets, weights, reduction, batch_size, cosine_weight)[2]
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress is a nicety, never a reason to fail
+        return _NoBar()
+    return tqdm(total=total, desc=desc, leave=False)

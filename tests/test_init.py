@@ -1,0 +1,273 @@
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from scipy import stats
+from torch.testing import assert_close
+
+from kmeansinit import GatedConv2d, InitReport, PaperNet, initialize_, joint_objective, kmeans_init_
+from kmeansinit.init import METHODS, fans
+from kmeansinit.objectives import cosine_penalty, kmeans_objective
+
+
+class Residual(nn.Module):
+    """Residual block, grouped and dilated convs, a Conv1d over rows, and linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.gated = GatedConv2d(8, 4, 3, stride=2, padding=1)
+        self.row = nn.Conv1d(4, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 5)
+        self.drop = nn.Dropout(0.5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.stem(x)))
+        h = h + torch.relu(self.bn2(self.grouped(h)))
+        h = torch.relu(self.gated(h))  # (N, 4, 4, 4)
+        h = self.row(h.flatten(2))  # (N, 6, 16)
+        h = torch.relu(self.fc(h.mean(-1)))
+        return self.out(self.drop(h))
+
+
+def images(n=32, c=3, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, c, size, size, generator=g) * 2 - 1
+
+
+def small_net(gated=False):
+    return PaperNet(width=0.25, gated=gated)
+
+
+def test_joint_gradient_raises_objective_and_lowers_penalty():
+    torch.manual_seed(0)
+    model = small_net()
+    x = images(64, size=16)
+    before = joint_objective(model, x, cosine_weight=0.0, reduction="mean")
+    pen = lambda m: sum(float(cosine_penalty(c.weight.detach())) for c in m.modules() if isinstance(c, nn.Conv2d))
+    # Put the filters into a bad, correlated start so the penalty has something to lower.
+    with torch.no_grad():
+        for c in model.modules():
+            if isinstance(c, nn.Conv2d):
+                c.weight.add_(c.weight[:1].abs() * 3)
+    pen_before = pen(model)
+    rep = kmeans_init_(model, x, solver="gradient", steps=60, reduction="mean", cosine_weight=1.0, lr=0.05,
+                       batch_size=32, progress=False)
+    assert rep.joint_after > rep.joint_before
+    assert pen(model) < pen_before
+    assert joint_objective(model, x, cosine_weight=0.0, reduction="mean") > before
+    for r in rep.layers:
+        assert r.steps == 60 and r.objective_after > r.objective_before - 1e-6
+
+
+def test_lloyd_solver_raises_every_layer_objective_and_yields_unit_or_he_norms():
+    model = small_net(gated=True)
+    x = images(48, size=16)
+    rep = kmeans_init_(model, x, refine_steps=0, steps=5, scale="unit", progress=False)
+    for r in rep.layers:
+        assert r.objective_after > r.objective_before
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            assert_close(m.weight.flatten(1).norm(dim=1), torch.ones(m.weight.shape[0]))
+    kmeans_init_(model, x, refine_steps=2, steps=2, scale="he", progress=False)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            assert_close(m.weight.flatten(1).norm(dim=1), torch.full((m.weight.shape[0],), math.sqrt(2)))
+
+
+def test_lloyd_centroid_is_mean_direction_of_assigned_patches():
+    # One filter, one layer: spherical k-means with k=1 converges to the normalized sum of all patches.
+    layer = nn.Conv2d(2, 1, 3, bias=False)
+    model = nn.Sequential(layer)
+    x = images(10, c=2, size=5, seed=3)
+    kmeans_init_(model, x, mode="layerwise", steps=3, scale="unit", progress=False)
+    p = torch.nn.functional.unfold(x, 3).transpose(1, 2).reshape(-1, 18).sum(0)
+    assert_close(layer.weight.reshape(-1), p / p.norm())
+
+
+def test_layerwise_on_residual_grouped_dilated_conv1d_linear():
+    torch.manual_seed(0)
+    model = Residual()
+    x = images(24)
+    rep = kmeans_init_(model, x, mode="layerwise", include_linear=True, steps=4, progress=False)
+    names = [r.name for r in rep.layers]
+    assert names == ["stem", "grouped", "gated", "row", "fc", "out"]
+    for r in rep.layers:
+        assert r.objective_after >= r.objective_before - 1e-5, r
+    for name in names:
+        w = dict(model.named_modules())[name].weight
+        assert torch.isfinite(w).all() and (w.flatten(1).norm(dim=1) > 0).all()
+    # Every layer's final objective matches an independent recomputation on its captured input.
+    captured = {}
+    hooks = [dict(model.named_modules())[n].register_forward_pre_hook(
+        lambda m, a, n=n: captured.__setitem__(n, a[0])) for n in names]
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.train()
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    last = dict(model.named_modules())["out"]
+    assert_close(float(kmeans_objective(captured["out"], last, "sum")), rep["out"].objective_after, rtol=1e-4, atol=1e-3)
+
+
+def test_state_restored_except_initialized_weights():
+    torch.manual_seed(0)
+    model = Residual()
+    model.train()
+    model.drop.eval()
+    model.stem.weight.requires_grad_(False)
+    x = images(24)
+    with torch.no_grad():  # a trained-looking state
+        model(x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    kmeans_init_(model, x, steps=2, refine_steps=3, progress=False)
+    changed = {k for k in before if not torch.equal(before[k], model.state_dict()[k])}
+    inited = {"stem", "grouped", "gated", "row"}
+    assert changed <= {f"{n}.weight" for n in inited} | {f"{n}.bias" for n in inited}
+    assert {f"{n}.weight" for n in inited} <= changed
+    for n in inited:
+        b = dict(model.named_modules())[n].bias
+        assert b is None or torch.count_nonzero(b) == 0
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert model.stem.weight.requires_grad is False and model.fc.weight.requires_grad is True
+
+
+@pytest.mark.parametrize("solver", ["lloyd", "gradient"])
+def test_same_seed_same_weights(solver):
+    x = images(32, size=12)
+    out = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(123)
+        model = small_net()
+        kmeans_init_(model, x, solver=solver, steps=3, refine_steps=2, seed=seed, batch_size=16, progress=False)
+        out.append(torch.cat([p.flatten() for p in model.parameters()]))
+    assert torch.equal(out[0], out[1])
+    assert not torch.equal(out[0], out[2])
+
+
+def test_empty_clusters_reseeded_from_nonzero_patches():
+    # Images that are zero except one pixel value pattern: most patches are zero, few distinct.
+    x = torch.zeros(6, 1, 6, 6)
+    x[:, 0, 2, 2] = torch.arange(1, 7).float()
+    x[:3, 0, 4, 1] = -1.0
+    layer = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+    kmeans_init_(nn.Sequential(layer), x, mode="layerwise", steps=5, progress=False)
+    w = layer.weight
+    assert torch.isfinite(w).all() and (w.flatten(1).norm(dim=1) > 0.1).all()
+
+
+def test_report_fields_and_roundtrip(tmp_path):
+    rep = initialize_(small_net(), "kmeans", images(16, size=8), steps=1, refine_steps=1, progress=False)
+    assert isinstance(rep, InitReport) and rep.method == "kmeans" and len(rep.layers) == 8
+    for r in rep.layers:
+        assert math.isfinite(r.objective_before) and math.isfinite(r.objective_after)
+        assert math.isfinite(r.cosine_after) and r.seconds >= 0 and r.steps == 2
+    rep.save(tmp_path / "r.json")
+    assert InitReport.load(tmp_path / "r.json") == rep
+    assert "features.0" in str(rep)
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = small_net()
+    x = images(8)
+    with pytest.raises(ValueError, match="no supported"):
+        kmeans_init_(nn.Sequential(nn.ReLU()), x, progress=False)
+    with pytest.raises(TypeError, match="floating"):
+        kmeans_init_(model, (x * 100).to(torch.uint8), progress=False)
+    with pytest.raises(ValueError, match="shape"):
+        kmeans_init_(model, torch.rand(8, 32), progress=False)
+    with pytest.raises(ValueError, match=r"do not fit"):
+        kmeans_init_(model, torch.rand(8, 5, 8, 8), progress=False)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        kmeans_init_(model, bad, progress=False)
+    with pytest.raises(ValueError, match="patches"):
+        kmeans_init_(nn.Sequential(nn.Conv2d(3, 64, 8)), torch.rand(4, 3, 8, 8), progress=False)
+    with pytest.raises(ValueError, match="solver"):
+        kmeans_init_(model, x, solver="adam", progress=False)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        kmeans_init_(model, x, nonsense=1)
+    with pytest.raises(ValueError, match="unknown init method 'kaiming'.*kmeans-paper"):
+        initialize_(model, "kaiming")
+    with pytest.raises(ValueError, match="needs images"):
+        initialize_(model, "kmeans")
+
+
+# ---- baselines -------------------------------------------------------------------------------
+
+
+def conv_weights(model):
+    return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+@pytest.mark.parametrize("method", ["normal", "xavier", "he"])
+def test_baselines_follow_their_distribution_ks(method):
+    torch.manual_seed(0)
+    model = PaperNet(gated=True)
+    initialize_(model, method)
+    for m in conv_weights(model):
+        fi, fo = fans(m)
+        std = {"normal": 1e-3, "xavier": math.sqrt(2 / (fi + fo)), "he": math.sqrt(2 / fi)}[method]
+        w = m.weight.detach().flatten().double().numpy()
+        if w.size < 200:
+            continue
+        p = stats.kstest(w, "norm", args=(0, std)).pvalue
+        assert p > 1e-4, (method, m, p)
+        # And a wrong std must be rejected, so the test can fail.
+        assert stats.kstest(w, "norm", args=(0, std * 1.3)).pvalue < 1e-4
+        if m.bias is not None:
+            assert torch.count_nonzero(m.bias) == 0
+
+
+def test_lsuv_gives_unit_output_variance():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 4))
+    x = images(64, size=8)
+    initialize_(model, "lsuv", x, tol=0.01)
+    h = x
+    for m in model:
+        h = m(h)
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            assert abs(float(h.var()) - 1) < 0.02
+
+
+def test_whitening_filters_whiten_patches():
+    torch.manual_seed(0)
+    model = PaperNet(width=0.5)
+    x = images(64, size=16) * torch.tensor([1.0, 0.5, 0.2]).view(1, 3, 1, 1)
+    initialize_(model, "whitening", x, eps=0.0)
+    w = model.features[0].weight.detach().double().flatten(1)
+    h = w.shape[0] // 2
+    assert_close(w[h:], -w[:h])
+    from kmeansinit.init.baselines import patch_covariance
+    cov = patch_covariance(x, (11, 11))
+    # Whitened responses: unit variance and uncorrelated across the top eigen-directions.
+    assert_close(w[:h] @ cov @ w[:h].t(), torch.eye(h, dtype=torch.double), atol=1e-6, rtol=1e-6)
+
+
+def test_all_methods_run():
+    x = images(32, size=16)
+    for method in METHODS:
+        torch.manual_seed(0)
+        model = PaperNet(width=0.5)
+        extra = dict(steps=2, progress=False) if method.startswith("kmeans") else {}
+        if method.startswith("kmeans") and method != "kmeans-layerwise":
+            extra["refine_steps"] = 1 if method == "kmeans" else 0
+        if method == "kmeans-paper":
+            extra.pop("refine_steps")
+        rep = initialize_(model, method, x, **extra)
+        assert rep.method == method
+        assert all(torch.isfinite(p).all() for p in model.parameters())

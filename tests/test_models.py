@@ -1,0 +1,51 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from kmeansinit import GatedConv2d, PaperNet, count_parameters, matching_width
+from kmeansinit.models import CONV_SPEC, HIDDEN
+
+
+def expected_params(width=1.0, gated=False, num_classes=10, c=3):
+    total = 0
+    for out, k, _ in CONV_SPEC:
+        out = max(1, round(out * width))
+        total += (3 if gated else 1) * out * c * k * k + 2 * out  # conv (no bias) + BN affine
+        c = out
+    for h in HIDDEN:
+        h = max(1, round(h * width))
+        total += c * h + 2 * h
+        c = h
+    return total + c * num_classes + num_classes
+
+
+@pytest.mark.parametrize("width,gated,classes", [(1.0, False, 10), (1.0, True, 10), (3.0, False, 100), (0.5, True, 100)])
+def test_parameter_counts(width, gated, classes):
+    model = PaperNet(num_classes=classes, width=width, gated=gated)
+    assert count_parameters(model) == expected_params(width, gated, classes)
+
+
+def test_table1_shapes():
+    model = PaperNet(gated=True)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(isinstance(c, GatedConv2d) for c in convs)
+    assert [(c.out_channels, c.kernel_size[0], c.stride[0]) for c in convs] == CONV_SPEC
+    sizes = []
+    hooks = [c.register_forward_hook(lambda m, a, o: sizes.append(o.shape[-1])) for c in convs]
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10)
+    assert sizes == [32, 16, 16, 8, 8, 8, 8, 8]
+
+
+def test_matching_width_matches_gated_parameter_count():
+    gated = count_parameters(PaperNet(gated=True))
+    w = matching_width(PaperNet(gated=True))
+    assert 1.5 < w < 1.9  # sqrt(3)-ish, not the paper's 3
+    got = count_parameters(PaperNet(width=w))
+    assert abs(got - gated) / gated < 0.01
+    assert count_parameters(PaperNet(width=3.0)) > 2 * gated  # x3 widths is far from matched
+
+
+def test_bad_width():
+    with pytest.raises(ValueError, match="width"):
+        PaperNet(width=0)
