@@ -1,0 +1,307 @@
+"""The paper's training recipe: a ``TrainConfig`` dataclass, a resumable run folder, and the loop.
+
+A run folder holds ``config.json`` (the resolved configuration), ``init_report.json``,
+``metrics.jsonl`` (one row per log point), ``checkpoint.pt`` (model, optimizer, iteration, RNG
+states; written to a temp file and renamed) and, at the end, ``final.pt`` (model weights).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import BatchLoader, Normalizer, load_dataset
+from .init import initialize_
+from .models import PaperNet
+
+__all__ = ["TrainConfig", "train", "lr_at", "RunError"]
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on (NaN loss, a config mismatch on resume); earlier results are kept."""
+
+
+@dataclass
+class TrainConfig:
+    # data
+    dataset: str = "cifar10"  # cifar10 | cifar100 | folder
+    data: str = "../shared/data"
+    download: bool = False
+    label: str = "fine"  # CIFAR-100 fine or coarse labels
+    image_size: int | None = None
+    crop: int = 0  # random-crop padding (0 = the paper: flips only)
+    flip: bool = True
+    # model
+    gated: bool = False
+    width: float = 1.0
+    # init
+    init: str = "kmeans"
+    init_images: int = 256  # images for data-dependent inits; 0 = the whole training set
+    init_split: str = "train"  # train (no test leakage) | test (the paper used 256 test images)
+    init_options: dict = field(default_factory=dict)
+    # optimization: the paper's recipe
+    optimizer: str = "sgd"  # sgd (momentum 0.9) | adam
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    batch_size: int = 128
+    iterations: int = 75_000
+    halve_at: float = 2 / 3  # lr halves after this fraction of iterations (paper: 50k of 75k)
+    epochs: float | None = None  # if set, overrides iterations
+    # bookkeeping
+    seed: int = 0
+    eval_every: int = 1000
+    log_every: int = 100
+    checkpoint_every: int = 500
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    channels_last: bool = True
+    threads: int = 0  # 0 = all cores
+    device: str = "auto"
+    out: str = "runs/run"
+
+    def resolved_iterations(self, train_size: int) -> int:
+        if self.epochs is not None:
+            return max(1, math.ceil(self.epochs * (train_size // self.batch_size)))
+        return self.iterations
+
+    def validate(self) -> None:
+        checks = [
+            (self.optimizer in ("sgd", "adam"), f"optimizer must be sgd or adam, got {self.optimizer!r}"),
+            (self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}"),
+            (self.init_split in ("train", "test"), f"init_split must be train or test, got {self.init_split!r}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.iterations >= 1, f"iterations must be >= 1, got {self.iterations}"),
+            (self.epochs is None or self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (0 < self.halve_at <= 1, f"halve_at must be in (0, 1], got {self.halve_at}"),
+            (self.eval_every >= 1 and self.log_every >= 1 and self.checkpoint_every >= 1,
+             "eval_every, log_every and checkpoint_every must be >= 1"),
+            (self.width > 0, f"width must be > 0, got {self.width}"),
+            (self.init_images >= 0, f"init_images must be >= 0, got {self.init_images}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+
+def lr_at(step: int, base: float, total: int, halve_at: float) -> float:
+    """The paper's schedule: ``base`` until ``halve_at * total`` iterations, then ``base / 2``."""
+    return base if step < round(halve_at * total) else base / 2
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _evaluate(model: nn.Module, x, y, norm: Normalizer, device, cfg: TrainConfig) -> tuple[float, float]:
+    model.eval()
+    total_loss, correct = 0.0, 0
+    with torch.no_grad(), _autocast(cfg, device):
+        for xb, yb in zip(x.split(1000), y.split(1000)):
+            xb = norm(xb.to(device))
+            if cfg.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            out = model(xb).float()
+            yb = yb.to(device)
+            total_loss += float(F.cross_entropy(out, yb, reduction="sum"))
+            correct += int((out.argmax(1) == yb).sum())
+    model.train()
+    return total_loss / len(y), correct / len(y)
+
+
+def _autocast(cfg: TrainConfig, device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut by a kill: everything after it is unreliable
+    return rows
+
+
+class _Progress:
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.bar = None
+        self.total = total
+        if enabled and sys.stderr.isatty():
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def step(self, info: str | None = None):
+        if self.bar is not None:
+            self.bar.update(1)
+            if info:
+                self.bar.set_postfix_str(info, refresh=False)
+
+    def line(self, text: str):
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def build_model(cfg: TrainConfig, num_classes: int, in_channels: int) -> nn.Module:
+    return PaperNet(num_classes=num_classes, width=cfg.width, gated=cfg.gated, in_channels=in_channels)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, dataset=None) -> dict:
+    """Run (or, with ``resume``, continue) one training run into ``cfg.out``; return the last metrics row."""
+    cfg.validate()
+    out = Path(cfg.out)
+    ckpt_path, cfg_path, metrics_path = out / "checkpoint.pt", out / "config.json", out / "metrics.jsonl"
+    if resume:
+        if not cfg_path.exists():
+            raise RunError(f"{out}: no config.json here; nothing to resume")
+        saved = json.loads(cfg_path.read_text())
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        cfg = TrainConfig(**{k: v for k, v in saved.items() if k in names} | {"out": str(out)})
+    elif ckpt_path.exists() or (out / "final.pt").exists():
+        raise RunError(f"{out}: already holds a run; use --resume to continue it or choose another --out")
+    device = _device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data, download=cfg.download,
+                                                          label=cfg.label, image_size=cfg.image_size)
+    total = cfg.resolved_iterations(len(ds.train_y))
+    norm = Normalizer.fit(ds.train_x)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, ds.num_classes, ds.train_x.shape[1]).to(device)
+    params = [p for p in model.parameters()]
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loader = BatchLoader(ds.train_x, ds.train_y, cfg.batch_size, norm, seed=cfg.seed, flip=cfg.flip,
+                         crop=cfg.crop, device=device)
+    out.mkdir(parents=True, exist_ok=True)
+    log = _Progress(total, 0, progress)
+    start_step = 0
+    wall0 = 0.0
+    if resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        start_step, wall0 = ck["step"], ck["wall"]
+        rows = [r for r in _read_rows(metrics_path) if r["step"] <= start_step]
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        log.line(f"resumed {out} at step {start_step}/{total}")
+    else:
+        if resume:
+            log.line(f"{out}: no checkpoint yet; starting from the beginning")
+        cfg_path.write_text(json.dumps(dataclasses.asdict(cfg) | {"resolved_iterations": total,
+                                                                   "normalizer": norm.state_dict()}, indent=2))
+        metrics_path.write_text("")
+        report = _init(model, cfg, ds, norm, device, progress)
+        report.save(out / "init_report.json")
+        log.line(str(report).splitlines()[0])
+        _save_checkpoint(ckpt_path, model, opt, 0, 0.0)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    log.bar and log.bar.update(start_step - log.bar.n)
+    model.train()
+    interrupted = {"flag": False}
+    old_handler = signal.signal(signal.SIGINT, lambda *a: interrupted.__setitem__("flag", True))
+    t0 = time.perf_counter() - wall0
+    sleep = float(os.environ.get("KMEANSINIT_TEST_STEP_SLEEP", "0"))  # lets tests kill a tiny run mid-way
+    losses = []
+    last = {}
+    try:
+        step = start_step
+        while step < total:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg.lr, total, cfg.halve_at)
+            xb, yb = loader.batch(step)
+            if cfg.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with _autocast(cfg, device):
+                loss = F.cross_entropy(model(xb).float(), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            lv = loss.detach().item()
+            if not math.isfinite(lv):
+                raise RunError(f"{out}: loss became {lv} at step {step + 1}; the last good checkpoint "
+                               f"(step {torch.load(ckpt_path, weights_only=False)['step']}) is kept")
+            opt.step()
+            step += 1
+            losses.append(lv)
+            if sleep:
+                time.sleep(sleep)
+            log.step(f"loss {lv:.3f}")
+            is_eval = step % cfg.eval_every == 0 or step == total
+            if step % cfg.log_every == 0 or is_eval:
+                row = dict(step=step, epoch=step / loader.per_epoch, lr=opt.param_groups[0]["lr"],
+                           train_loss=sum(losses) / len(losses), wall=time.perf_counter() - t0)
+                losses = []
+                if is_eval:
+                    row["test_loss"], row["test_acc"] = _evaluate(model, ds.test_x, ds.test_y, norm, device, cfg)
+                    log.line(f"step {step}/{total} train_loss {row['train_loss']:.4f} test_loss "
+                             f"{row['test_loss']:.4f} test_acc {row['test_acc']:.4f} ({row['wall']:.0f}s)")
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                last = row
+            if step % cfg.checkpoint_every == 0 or step == total or interrupted["flag"]:
+                # Metrics rows up to `step` are on disk before the checkpoint that covers them.
+                _save_checkpoint(ckpt_path, model, opt, step, time.perf_counter() - t0)
+            if interrupted["flag"]:
+                log.line(f"interrupted at step {step}; continue with: kmeansinit train --resume {out}")
+                raise KeyboardInterrupt
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+        log.close()
+    _atomic_save({k: v.contiguous() for k, v in model.state_dict().items()}, out / "final.pt")
+    return last
+
+
+def _save_checkpoint(path: Path, model, opt, step: int, wall: float) -> None:
+    _atomic_save(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step, wall=wall,
+                      rng={"torch": torch.get_rng_state()}), path)
+
+
+def _init(model: nn.Module, cfg: TrainConfig, ds, norm: Normalizer, device, progress: bool):
+    g = torch.Generator().manual_seed(cfg.seed)
+    src = ds.train_x if cfg.init_split == "train" else ds.test_x
+    n = src.shape[0] if cfg.init_images == 0 else min(cfg.init_images, src.shape[0])
+    idx = torch.randperm(src.shape[0], generator=g)[:n]
+    # Unlabelled images, normalized exactly as the training batches are.
+    images = torch.cat([norm(part.to(device)) for part in src[idx].split(1024)]) if n else None
+    options = dict(cfg.init_options)
+    if cfg.init.startswith("kmeans"):
+        options.setdefault("seed", cfg.seed)
+        options.setdefault("progress", progress)
+    elif cfg.init in ("normal", "xavier", "he", "lsuv", "whitening"):
+        options.setdefault("generator", torch.Generator(device=device).manual_seed(cfg.seed))
+    needs = cfg.init not in ("normal", "xavier", "he")
+    return initialize_(model, cfg.init, images if needs else None, **options)

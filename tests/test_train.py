@@ -1,0 +1,110 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kmeansinit.cli import main
+from kmeansinit.train import RunError, TrainConfig, lr_at, train
+
+
+def tiny(data, out, **kw):
+    base = dict(data=str(data), out=str(out), width=0.25, batch_size=8, iterations=12, eval_every=6, log_every=3,
+                checkpoint_every=4, init="he", init_images=16, threads=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_lr_schedule_halves_at_two_thirds():
+    assert lr_at(0, 1e-3, 75_000, 2 / 3) == 1e-3
+    assert lr_at(49_999, 1e-3, 75_000, 2 / 3) == 1e-3
+    assert lr_at(50_000, 1e-3, 75_000, 2 / 3) == 5e-4
+    assert lr_at(200, 1e-3, 300, 2 / 3) == 5e-4 and lr_at(199, 1e-3, 300, 2 / 3) == 1e-3
+
+
+def test_run_folder_contents_and_metrics_rows(fake_cifar10, tmp_path):
+    cfg = tiny(fake_cifar10, tmp_path / "run", init="kmeans", init_options=dict(steps=1, refine_steps=1))
+    last = train(cfg, progress=False)
+    run = tmp_path / "run"
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["init"] == "kmeans" and saved["resolved_iterations"] == 12 and saved["init_options"]["steps"] == 1
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6, 9, 12]
+    assert [r["lr"] for r in rows] == [1e-3, 1e-3, 5e-4, 5e-4]
+    assert all("test_acc" in r for r in rows if r["step"] % 6 == 0)
+    assert all("test_acc" not in r for r in rows if r["step"] % 6)
+    assert all(math.isfinite(r["train_loss"]) for r in rows) and last == rows[-1]
+    rep = json.loads((run / "init_report.json").read_text())
+    assert rep["method"] == "kmeans" and len(rep["layers"]) == 8
+    final = torch.load(run / "final.pt")
+    assert "features.0.weight" in final
+    with pytest.raises(RunError, match="already holds a run"):
+        train(cfg, progress=False)
+
+
+def test_epochs_override_iterations(fake_cifar10, tmp_path):
+    cfg = tiny(fake_cifar10, tmp_path / "r", epochs=2, iterations=999)
+    train(cfg, progress=False)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["resolved_iterations"] == 2 * (60 // 8)
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(fake_cifar10, tmp_path):
+    cfg = tiny(fake_cifar10, tmp_path / "r", lr=1e30, optimizer="sgd", init="normal", init_options=dict(std=10.0))
+    with pytest.raises(RunError, match="loss became"):
+        train(cfg, progress=False)
+    ck = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def _cli(data, out, extra=()):
+    return [sys.executable, "-m", "kmeansinit", "train", "--data", str(data), "--out", str(out), "--width", "0.25",
+            "--batch-size", "8", "--iterations", "16", "--checkpoint-every", "2", "--eval-every", "8",
+            "--log-every", "2", "--init", "kmeans", "--init-option", "steps=1", "--init-option", "refine_steps=2",
+            "--init-images", "16", "--threads", "1", "--quiet", *extra]
+
+
+def test_kill_and_resume_is_bit_identical(fake_cifar10, tmp_path):
+    # Uninterrupted reference.
+    subprocess.run(_cli(fake_cifar10, tmp_path / "ref"), check=True, capture_output=True)
+    # Same run, SIGKILLed after a checkpoint past step 6, then resumed.
+    env = dict(os.environ, KMEANSINIT_TEST_STEP_SLEEP="0.3")
+    proc = subprocess.Popen(_cli(fake_cifar10, tmp_path / "cut"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ck = tmp_path / "cut" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if ck.exists():
+            try:
+                if torch.load(ck, weights_only=False)["step"] >= 6:
+                    break
+            except Exception:
+                pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut" / "final.pt").exists(), "run finished before it could be killed"
+    subprocess.run([sys.executable, "-m", "kmeansinit", "train", "--resume", str(tmp_path / "cut"), "--quiet"],
+                   check=True, capture_output=True)
+    a, b = torch.load(tmp_path / "ref" / "final.pt"), torch.load(tmp_path / "cut" / "final.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "wall"} for l in p.read_text().splitlines()]
+    assert strip(tmp_path / "ref" / "metrics.jsonl") == strip(tmp_path / "cut" / "metrics.jsonl")
+
+
+def test_cli_one_line_errors(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "nowhere" in err and "--download" in err
+    assert main(["train", "--resume", str(tmp_path / "none"), "--quiet"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--init", "kaiming"])
+    assert main(["train", "--data", str(tmp_path), "--lr", "-1", "--quiet"]) == 2
+    assert "lr must be > 0" in capsys.readouterr().err
