@@ -271,3 +271,93 @@ def test_all_methods_run():
         rep = initialize_(model, method, x, **extra)
         assert rep.method == method
         assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---- study options: preprocessing, pairs, scales ---------------------------------------------
+
+
+def test_zca_space_maps_back_exactly():
+    from kmeansinit.init.whiten import ZCASpace, unfold_patches
+
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 6, 3, padding=1, bias=False).double()
+    x = images(6, size=7).double() * torch.tensor([1.0, 0.3, 0.1], dtype=torch.double).view(1, 3, 1, 1)
+    space = ZCASpace(layer, [x[:3], x[3:]])
+    p = unfold_patches(x, layer)
+    z = space.whiten(p)
+    # Whitened patches: identity covariance (up to eps), zero mean.
+    cov = (z - z.mean(0)).t() @ (z - z.mean(0)) / z.shape[0]
+    assert cov.diagonal().max() < 1.0 + 1e-9 and cov.diagonal()[-5:].min() > 0.5
+    c = torch.randn(6, 3, 3, 3, dtype=torch.double)
+    w = space.to_raw(c).flatten(1)
+    pn = p - p.mean(1, keepdim=True)
+    s = torch.sqrt(pn.var(1, unbiased=False, keepdim=True) + space.eps_norm)
+    # <z, c> == <p, w>/s(p) - offset(c) for the returned raw filter w.
+    assert_close(z @ c.flatten(1).t(), (p @ w.t()) / s - space.offset(c))
+    # The conv-form responses rank clusters as the whitened dot products do, for every patch.
+    r = space.responses(x, c)  # (N, 1, K, L)
+    r = r[:, 0].permute(0, 2, 1).reshape(-1, 6)
+    assert torch.equal(r.argmax(1), (z @ c.flatten(1).t()).argmax(1))
+    # And the conv-form sums are the sums of whitened patches.
+    mask = torch.rand(6, 1, 6, 49, dtype=torch.double)
+    sums = space.sums(x, mask, c).flatten(1)
+    m = mask[:, 0].permute(0, 2, 1).reshape(-1, 6)
+    assert_close(sums, m.t() @ z)
+
+
+def test_pairs_are_negatives_and_zca_layerwise_runs():
+    torch.manual_seed(0)
+    model = small_net()
+    rep = kmeans_init_(model, images(24, size=12), mode="layerwise", preprocess="zca", pairs=True, steps=3,
+                       progress=False)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            k = m.weight.shape[0] // 2
+            assert_close(m.weight[k:], -m.weight[:k])
+    assert all(math.isfinite(r.objective_after) for r in rep.layers)
+
+
+def test_center_preprocess_gives_mixed_sign_deeper_filters():
+    torch.manual_seed(0)
+    model = small_net()
+    x = images(24, size=12)
+    kmeans_init_(model, x, mode="layerwise", steps=4, progress=False)
+    raw_pos = float((model.features[3].weight > 0).float().mean())
+    kmeans_init_(model, x, mode="layerwise", preprocess="center", steps=4, progress=False)
+    centred_pos = float((model.features[3].weight > 0).float().mean())
+    # Post-ReLU inputs are non-negative: raw centroids are mostly positive, centred ones are not.
+    assert raw_pos > 0.9 and centred_pos < 0.8
+
+
+def test_scale_options_give_promised_norms_and_variance():
+    x = images(32, size=12)
+    model = small_net()
+    kmeans_init_(model, x, mode="layerwise", steps=2, scale="xavier", progress=False)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fi, fo = fans(m)
+            assert_close(m.weight.flatten(1).norm(dim=1), torch.full((m.weight.shape[0],), math.sqrt(2 * fi / (fi + fo))))
+    model = small_net()
+    kmeans_init_(model, x, mode="layerwise", steps=2, scale="variance", batch_size=32, progress=False)
+    outs = {}
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    hooks = [c.register_forward_hook(lambda m, a, o: outs.__setitem__(m, o)) for c in convs]
+    model.train()
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    for c in convs:
+        assert abs(float(outs[c].var(unbiased=False)) - 1) < 1e-3
+
+
+def test_first_n_layers_only_and_he_base():
+    torch.manual_seed(0)
+    model = small_net()
+    x = images(16, size=12)
+    rep = initialize_(model, "kmeans", x, layers=2, steps=2, refine_steps=0, progress=False)
+    assert [r.name for r in rep.layers] == ["features.0", "features.3"]
+    ref = small_net()
+    initialize_(ref, "he", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.features[6].weight, ref.features[6].weight)  # He base, seed 0
+    assert not torch.equal(model.features[0].weight, ref.features[0].weight)

@@ -302,6 +302,6 @@ def _init(model: nn.Module, cfg: TrainConfig, ds, norm: Normalizer, device, prog
         options.setdefault("seed", cfg.seed)
         options.setdefault("progress", progress)
     elif cfg.init in ("normal", "xavier", "he", "lsuv", "whitening"):
-        options.setdefault("generator", torch.Generator(device=device).manual_seed(cfg.seed))
+        options.setdefault("generator", torch.Generator().manual_seed(cfg.seed))
     needs = cfg.init not in ("normal", "xavier", "he")
     return initialize_(model, cfg.init, images if needs else None, **options)

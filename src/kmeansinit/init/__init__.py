@@ -1,6 +1,7 @@
 """Everything that sets weights: baselines, data-dependent peers, k-means, and the ``initialize_`` entry point."""
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -36,8 +37,10 @@ def initialize_(model: nn.Module, method: str, images: Tensor | None = None, **o
     Methods: ``"normal"`` (std 1e-3), ``"xavier"``, ``"he"`` (no data); ``"lsuv"``, ``"whitening"``,
     ``"kmeans"`` (recommended preset), ``"kmeans-paper"`` (the paper's recipe), ``"kmeans-layerwise"``
     (these need ``images``). ``options`` go to the underlying function and override a preset's values.
-    Data-free methods set linear layers too; the k-means presets set conv layers (pass
-    ``include_linear=True`` for linear ones) and leave others at their current values.
+    Data-free methods set linear layers too. The k-means presets first apply ``base`` (default
+    ``"he"``; ``None`` to keep the current weights) to every conv and linear layer, seeded by
+    ``seed``, then set the conv layers by k-means (``include_linear=True`` for linear ones too), so
+    the layers k-means leaves alone (linear ones, or those past ``layers=N``) start from a known init.
     """
     if method not in METHODS:
         raise ValueError(f"unknown init method {method!r}; valid: {', '.join(METHODS)}")
@@ -47,6 +50,11 @@ def initialize_(model: nn.Module, method: str, images: Tensor | None = None, **o
         raise ValueError(f"init method {method!r} needs images (an unlabelled image tensor)")
     if method in _DATA:
         return _DATA[method](model, images, **options)
+    base = options.pop("base", "he")
+    if base is not None:
+        if base not in _DATA_FREE:
+            raise ValueError(f"base must be one of {', '.join(_DATA_FREE)} or None, got {base!r}")
+        _DATA_FREE[base](model, generator=torch.Generator().manual_seed(options.get("seed", 0)))
     report = kmeans_init_(model, images, **{**PRESETS[method], **options})
     report.method = method
     return report

@@ -34,6 +34,11 @@ def _report(method: str, layers: dict[str, nn.Module], start: float) -> InitRepo
     return InitReport(method=method, layers=reps, seconds=time.perf_counter() - start)
 
 
+def _normal(m: nn.Module, std: float, generator) -> None:
+    # Drawn on the CPU and copied, so a seed gives the same weights on every device.
+    m.weight.copy_(torch.empty(m.weight.shape, dtype=m.weight.dtype).normal_(0.0, std, generator=generator))
+
+
 def _apply(model: nn.Module, method: str, fill) -> InitReport:
     start = time.perf_counter()
     layers = find_layers(model, include_linear=True)
@@ -49,7 +54,7 @@ def normal_(model: nn.Module, std: float = 1e-3, generator: torch.Generator | No
     """Weights ~ N(0, std^2) (the paper's "N(0, 1e-3)": std 1e-3), biases 0."""
     if std <= 0:
         raise ValueError(f"std must be > 0, got {std}")
-    return _apply(model, "normal", lambda m: m.weight.normal_(0.0, std, generator=generator))
+    return _apply(model, "normal", lambda m: _normal(m, std, generator))
 
 
 def xavier_(model: nn.Module, gain: float = 1.0, generator: torch.Generator | None = None) -> InitReport:
@@ -57,7 +62,7 @@ def xavier_(model: nn.Module, gain: float = 1.0, generator: torch.Generator | No
 
     def fill(m):
         fi, fo = fans(m)
-        m.weight.normal_(0.0, gain * math.sqrt(2.0 / (fi + fo)), generator=generator)
+        _normal(m, gain * math.sqrt(2.0 / (fi + fo)), generator)
 
     return _apply(model, "xavier", fill)
 
@@ -66,7 +71,7 @@ def he_(model: nn.Module, generator: torch.Generator | None = None) -> InitRepor
     """He et al. (2015), normal, fan-in mode for ReLU: std = sqrt(2 / fan_in), biases 0."""
 
     def fill(m):
-        m.weight.normal_(0.0, math.sqrt(2.0 / fans(m)[0]), generator=generator)
+        _normal(m, math.sqrt(2.0 / fans(m)[0]), generator)
 
     return _apply(model, "he", fill)
 
@@ -87,7 +92,7 @@ def lsuv_(model: nn.Module, images: Tensor, *, tol: float = 0.1, max_iters: int 
     with torch.no_grad():
         for m in layers.values():
             flat = m.weight.view(m.weight.shape[0], -1)
-            q = torch.empty_like(flat)
+            q = torch.empty(flat.shape, dtype=flat.dtype)
             nn.init.orthogonal_(q, generator=generator)
             flat.copy_(q)
             if m.bias is not None:

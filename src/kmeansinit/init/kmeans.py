@@ -29,14 +29,15 @@ from ..layers import GatedConv2d
 from ..objectives import cosine_penalty, filter_responses, kmeans_objective, masked_patch_sums, patch_sq_norms, unit_filters
 from ._model import Taps, batchnorm_train_mode, check_images, find_layers, forward_order, preserved_state
 from .report import InitReport, LayerReport
+from .whiten import RawSpace, ZCASpace
 
 __all__ = ["kmeans_init_", "joint_objective", "scale_filters_"]
 
 _EPS = 1e-8
 MODES = ("joint", "layerwise")
 SOLVERS = ("lloyd", "gradient")
-SCALES = ("unit", "he")
-PREPROCESS = ("none", "center")
+SCALES = ("unit", "he", "xavier", "variance")
+PREPROCESS = ("none", "center", "zca")
 
 
 @dataclass
@@ -74,18 +75,51 @@ def _expand(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def scale_filters_(weight: Tensor, scale: str) -> Tensor:
-    """Rescale every filter in place: ``"unit"`` to norm 1 (the paper), ``"he"`` to norm sqrt(2).
+def filter_norm(module: nn.Module, scale: str) -> float:
+    """Target norm of every filter of ``module`` for a data-free ``scale``."""
+    from .baselines import fans
 
-    sqrt(2) is the expected norm of a He-normal filter (``E||w||^2 = fan_in * 2 / fan_in``), so the
-    k-means directions start training with the weight scale, hence the effective learning rate of
-    BN-normalized layers, that the standard He init gives.
+    if scale == "unit" or scale == "variance":  # variance: unit first, then calibrated on data
+        return 1.0
+    if scale == "he":
+        return math.sqrt(2.0)
+    if scale == "xavier":
+        fi, fo = fans(module)
+        return math.sqrt(2.0 * fi / (fi + fo))
+    raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+
+
+def scale_filters_(weight: Tensor, scale: str, module: nn.Module | None = None) -> Tensor:
+    """Rescale every filter in place to the norm ``scale`` names (see :func:`kmeans_init_`).
+
+    ``"he"``: sqrt(2), the expected norm of a He-normal filter (``E||w||^2 = fan_in * 2 / fan_in``),
+    so k-means directions start training with the weight scale, hence the effective learning rate
+    of BN-normalized layers, that the standard He init gives. ``"xavier"`` needs ``module``.
     """
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    if scale == "xavier" and module is None:
+        raise ValueError("scale='xavier' needs the module (for its fans)")
+    norm = filter_norm(module, scale)
     with torch.no_grad():
-        weight.copy_(unit_filters(weight) * (math.sqrt(2.0) if scale == "he" else 1.0))
+        weight.copy_(unit_filters(weight) * norm)
     return weight
+
+
+def _calibrate_variance_(taps: Taps, images: Tensor, targets: list[_Target], weights: dict[str, Tensor],
+                         batch_size: int) -> None:
+    """Scale each target's filters, in forward order, so its output has unit variance on ``images``."""
+    for t in targets:
+        total, sq, count = 0.0, 0.0, 0
+        overrides = {f"{u.name}.weight": weights[u.name] for u in targets}
+        for chunk in images.split(batch_size):
+            x = taps.run(chunk, overrides, stop_at=t.name)[t.name]
+            y = filter_responses(x, t.module, weights[t.name], normalize=False).double()
+            total, sq, count = total + float(y.sum()), sq + float(y.square().sum()), count + y.numel()
+        var = sq / count - (total / count) ** 2
+        if not var > 0:
+            raise ValueError(f"layer {t.name}: output variance {var} on the init images; cannot calibrate scale")
+        weights[t.name] = weights[t.name] / math.sqrt(var)
 
 
 class _LayerInputs:
@@ -120,26 +154,30 @@ class _LayerInputs:
         return sum(patch_sq_norms(x[:1], m).shape[-1] * x.shape[0] if not isinstance(m, nn.Linear) else x.reshape(-1, x.shape[-1]).shape[0] for x in self)
 
 
-def _centering(inputs: _LayerInputs, m: nn.Module):
+def _channel_mean(inputs: _LayerInputs, m: nn.Module) -> Tensor:
     total, count = None, 0
     for x in inputs:
-        dims = [0] + list(range(2, x.dim())) if not isinstance(m, nn.Linear) else list(range(x.dim() - 1))
+        dims = list(range(x.dim() - 1)) if isinstance(m, nn.Linear) else [0] + list(range(2, x.dim()))
         s = x.sum(dim=dims)
         total = s if total is None else total + s
         count += x.numel() // s.numel()
-    mean = total / count
-    shape = (1, -1) + (1,) * (inputs.chunks[0].dim() - 2) if not isinstance(m, nn.Linear) else (-1,)
-
-    def prep(x: Tensor) -> Tensor:
-        if isinstance(m, nn.Linear):
-            return x - mean
-        return x - mean.reshape(1, -1, *([1] * (x.dim() - 2)))
-
-    return prep
+    return total / count
 
 
-def _pick_patches(t: _Target, inputs, prep, want: Tensor, score_fn) -> Tensor:
-    """Filters (layer layout) holding, for each ``want``-ed filter, the patch of its bank with the lowest score.
+def _partners(t: _Target) -> Tensor:
+    """For ``pairs``: each filter's partner (layer layout), the filter half a bank away."""
+    kb = t.per_bank
+    if kb % 2:
+        raise ValueError(f"layer {t.name}: pairs=True needs an even number of filters per bank, got {kb}")
+    conv = torch.arange(t.filters).reshape(t.banks, kb)
+    partner_conv = torch.cat([conv[:, kb // 2:], conv[:, :kb // 2]], dim=1).reshape(-1)
+    out = torch.empty(t.filters, dtype=torch.long)
+    out[t.perm] = t.perm[partner_conv]
+    return out
+
+
+def _pick_patches(t: _Target, inputs, space, want: Tensor, score_fn) -> Tensor:
+    """Centroids (layer layout) holding, for each ``want``-ed filter, the patch of its bank with the lowest score.
 
     ``want`` is a bool mask over filters (layer layout). Zero patches are never picked.
     """
@@ -148,8 +186,7 @@ def _pick_patches(t: _Target, inputs, prep, want: Tensor, score_fn) -> Tensor:
     need = want_conv.sum(dim=1)
     best = [[] for _ in range(g)]  # per bank: (score, chunk, flat position)
     for ci, x in enumerate(inputs):
-        x = prep(x)
-        sq = patch_sq_norms(x, m)[:, :, 0, :]  # (N, G, L)
+        sq = space.sq_norms(x)[:, :, 0, :]  # (N, G, L)
         score = score_fn(x, sq).masked_fill(sq <= _EPS, math.inf)
         for b in range(g):
             k = int(need[b])
@@ -167,54 +204,69 @@ def _pick_patches(t: _Target, inputs, prep, want: Tensor, score_fn) -> Tensor:
         slots = torch.nonzero(want_conv[b]).reshape(-1).tolist()
         for slot, (_, ci, p) in zip(slots, chosen):
             fills.setdefault(ci, []).append((b, slot, p))
-    out = torch.zeros_like(m.weight, memory_format=torch.contiguous_format).detach()
+    like = m.weight.detach().contiguous()
+    out = torch.zeros_like(like)
     for ci, x in enumerate(inputs):
         if ci not in fills:
             continue
-        x = prep(x)
-        shape = filter_responses(x[:1], m, out, normalize=False).shape
-        n_pos = shape[-1] if not isinstance(m, nn.Linear) else 1
-        rows = x.shape[0] if not isinstance(m, nn.Linear) else x.reshape(-1, x.shape[-1]).shape[0]
+        r_shape = space.responses(x[:1], like).shape
+        rows = x.reshape(-1, x.shape[-1]).shape[0] if isinstance(m, nn.Linear) else x.shape[0]
+        n_pos = r_shape[-1]
         mask = x.new_zeros(rows, g, kb, n_pos)
         for b, slot, p in fills[ci]:
             mask[p // n_pos, b, slot, p % n_pos] = 1.0
-        out += masked_patch_sums(x, m, mask, out)
+        out += space.sums(x, mask, like)
     return out
 
 
-def _lloyd(t: _Target, inputs, prep, iters: int, gen: torch.Generator) -> tuple[Tensor, int]:
-    """Spherical k-means on one layer's input patches; returns unit filters (layer layout) and iterations run."""
-    m = t.module
+def _lloyd(t: _Target, inputs, space, iters: int, gen: torch.Generator, pairs: bool = False) -> tuple[Tensor, int]:
+    """Spherical k-means on one layer's input patches (in ``space``); returns centroids and iterations run.
+
+    With ``pairs`` each filter's partner is its negative: clustering by ``|<x, c>|``, so that a ReLU
+    after the layer passes both signs of every direction.
+    """
+    partner = _partners(t) if pairs else None
     everything = torch.ones(t.filters, dtype=torch.bool)
-    w = unit_filters(_pick_patches(t, inputs, prep, everything, lambda x, sq: torch.rand(sq.shape, generator=gen)))
+    rand = lambda x, sq: torch.rand(sq.shape, generator=gen)
+    c = unit_filters(_pick_patches(t, inputs, space, everything, rand))
+    if pairs:
+        c = unit_filters(c - c[partner])
     done = 0
     for _ in range(iters):
-        sums = torch.zeros_like(w)
+        sums = torch.zeros_like(c)
         counts = torch.zeros(t.filters, dtype=torch.float64)
         for x in inputs:
-            x = prep(x)
-            r = filter_responses(x, m, w, normalize=False)
+            r = space.responses(x, c)
             mask = torch.zeros_like(r).scatter_(2, r.argmax(dim=2, keepdim=True), 1.0)
             counts += mask.sum(dim=(0, 3)).reshape(-1).double()
-            sums += masked_patch_sums(x, m, mask, w)
+            sums += space.sums(x, mask, c)
         counts = _to_layer_order(t, counts)
+        if pairs:
+            sums, counts = sums - sums[partner], counts + counts[partner]
         new = unit_filters(sums)
         dead = (counts == 0) | (sums.flatten(1).norm(dim=1) <= _EPS)
         if bool(dead.any()):
-            live_conv = (~dead)[t.perm].reshape(1, t.banks, t.per_bank, 1)
+            want = dead & (torch.arange(t.filters) < partner) if pairs else dead
+            if pairs or isinstance(space, ZCASpace):
+                score = rand  # far-from-centroid scores need raw patch norms; random patches do here
+            else:
+                live_conv = (~dead)[t.perm].reshape(1, t.banks, t.per_bank, 1)
 
-            def farthest(x, sq, new=new, live_conv=live_conv):
-                r = filter_responses(x, m, new, normalize=False).masked_fill(~live_conv, -math.inf)
-                return r.amax(dim=2) / sq.clamp_min(_EPS).sqrt()
+                def score(x, sq, new=new, live_conv=live_conv):
+                    r = space.responses(x, new).masked_fill(~live_conv, -math.inf)
+                    return r.amax(dim=2) / sq.clamp_min(_EPS).sqrt()
 
-            seeded = _pick_patches(t, inputs, prep, dead, farthest)
-            new = torch.where(_expand(dead, new), unit_filters(seeded), new)
+            seeded = unit_filters(_pick_patches(t, inputs, space, want, score))
+            if pairs:
+                seeded[partner[want]] = -seeded[want]
+                want = want | want[partner]
+            new = torch.where(_expand(want, new), seeded, new)
         done += 1
-        shift = (new - w).flatten(1).norm(dim=1).max()
-        w = new
+        shift = (new - c).flatten(1).norm(dim=1).max()
+        c = new
         if float(shift) < 1e-6:
             break
-    return w, done
+    return unit_filters(space.to_raw(c)), done
 
 
 def _joint_terms(taps: Taps, batch: Tensor, targets: list[_Target], weights: dict[str, Tensor], reduction: str):
@@ -290,6 +342,7 @@ def kmeans_init_(
     reduction: str = "sum",
     scale: str = "he",
     preprocess: str = "none",
+    pairs: bool = False,
     layers=None,
     include_linear: bool = False,
     renormalize: bool = False,
@@ -319,10 +372,18 @@ def kmeans_init_(
         lr: step size (defaults: Adam 1e-3 for the refinement; SGD 1e-5 for ``reduction="sum"``,
             1e-2 for ``"mean"``, with filters starting at unit norm).
         cosine_weight: lambda of eq. 5 (paper: 100).
-        scale: final filter norm, ``"he"`` (default; sqrt(2), the expected He-normal norm, so training
-            starts at the usual effective learning rate) or ``"unit"`` (the paper).
-        preprocess: ``"none"`` (the paper) or ``"center"`` (subtract each layer's per-channel input mean
-            before clustering).
+        scale: final filter norm: ``"he"`` (default; sqrt(2), the expected He-normal norm, so training
+            starts at the usual effective learning rate), ``"xavier"`` (the expected Xavier-normal
+            norm, ``sqrt(2 fan_in / (fan_in + fan_out))``), ``"unit"`` (the paper), or ``"variance"``
+            (data-dependent: each layer, in forward order, scaled so that its output has unit
+            variance on the images, as LSUV does). With BN after a layer the norm changes nothing in
+            the forward pass but sets the effective learning rate, ``lr / ||w||^2``.
+        preprocess: ``"none"`` (the paper), ``"center"`` (subtract each layer's per-channel input mean
+            before clustering) or ``"zca"`` (per-patch mean/contrast normalization and ZCA whitening, as
+            Coates & Ng and Kraehenbuehl et al.; centroids mapped back to raw-patch filters, see
+            :mod:`kmeansinit.init.whiten`). Applies to the Lloyd phase.
+        pairs: each filter's partner (half a bank away) is its negative, so that a ReLU passes both
+            signs of every cluster direction (as in the whitening init of airbench); Lloyd phase.
         layers: None (all), an int N (the first N layers in forward order), or a list of module names.
         renormalize: project filters back to unit norm after every gradient step (the authors' code).
         cache_bytes: layer inputs up to this size are kept in memory between Lloyd steps; larger ones
@@ -347,6 +408,8 @@ def kmeans_init_(
         raise ValueError(f"preprocess must be one of {PREPROCESS}, got {preprocess!r}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if (preprocess != "none" or pairs) and solver != "lloyd":
+        raise ValueError("preprocess and pairs shape the Lloyd phase; they need solver='lloyd'")
     if mode == "layerwise" and solver != "lloyd":
         raise ValueError("mode='layerwise' runs spherical k-means (solver='lloyd'); solver='gradient' is joint only")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -369,7 +432,7 @@ def kmeans_init_(
     keep = {f"{n}.weight" for n in found} | {f"{n}.bias" for n in found if found[n].bias is not None}
     options = dict(mode=mode, solver=solver, steps=steps, refine_steps=refine_steps, batch_size=batch_size,
                    lr=lr, momentum=momentum, cosine_weight=cosine_weight, reduction=reduction, scale=scale,
-                   preprocess=preprocess, renormalize=renormalize, seed=seed, images=int(images.shape[0]))
+                   preprocess=preprocess, pairs=pairs, renormalize=renormalize, seed=seed, images=int(images.shape[0]))
 
     with preserved_state(model, keep), batchnorm_train_mode(model), torch.no_grad():
         order = forward_order(model, found, images[: min(batch_size, images.shape[0])])
@@ -395,12 +458,15 @@ def kmeans_init_(
                                 f"layer {t.name}: {patches} input patches for {t.per_bank} filters per bank; "
                                 "give more images"
                             )
-                        prep = _centering(inputs, t.module) if preprocess == "center" else (lambda x: x)
-                        w, done = _lloyd(t, inputs, prep, steps, gen)
+                        if preprocess == "zca":
+                            space = ZCASpace(t.module, inputs)
+                        else:
+                            space = RawSpace(t.module, _channel_mean(inputs, t.module) if preprocess == "center" else None)
+                        w, done = _lloyd(t, inputs, space, steps, gen, pairs=pairs)
                         bar.update(steps)
                         # Later layers cluster the inputs they will really see: this layer's filters at
                         # their final scale (it matters where no BN follows, e.g. before a gate).
-                        weights[t.name] = scale_filters_(w.to(t.module.weight.dtype), scale)
+                        weights[t.name] = scale_filters_(w.to(t.module.weight.dtype), scale, t.module)
                         t.module.weight.copy_(weights[t.name])
                         if t.module.bias is not None:
                             t.module.bias.zero_()
@@ -418,7 +484,7 @@ def kmeans_init_(
                     t0 = time.perf_counter()
                     for t in targets:
                         _check_patches(taps, images, batch_size, t)
-                    weights = {k: scale_filters_(v.clone(), scale) for k, v in weights.items()}
+                    weights = {t.name: scale_filters_(weights[t.name].clone(), scale, t.module) for t in targets}
                     weights = _gradient_phase(taps, images, targets, weights, steps=steps, lr=lr, optimizer="sgd",
                                               momentum=momentum, batch_size=batch_size, cosine_weight=cosine_weight,
                                               reduction=reduction, renormalize=renormalize, gen=gen, bar=bar)
@@ -431,7 +497,9 @@ def kmeans_init_(
                 w = weights[t.name]
                 if not torch.isfinite(w).all() or bool((w.flatten(1).norm(dim=1) <= _EPS).any()):
                     raise FloatingPointError(f"layer {t.name}: k-means produced a zero or non-finite filter")
-                final[t.name] = scale_filters_(w.clone(), scale)
+                final[t.name] = scale_filters_(w.clone(), scale, t.module)
+            if scale == "variance":
+                _calibrate_variance_(taps, images, targets, final, batch_size)
             after, pens, joint_after = _evaluate(taps, images, targets, final, reduction, batch_size, cosine_weight)
             for t, rep, a, p in zip(targets, reports, after, pens):
                 rep.objective_after, rep.cosine_after = a, p

@@ -1,0 +1,58 @@
+"""Shared bits of the benchmark scripts: machine description, timing, appending to RESULTS.md."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+
+def machine(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    if device.type == "cuda":
+        text = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}); host {text}"
+    return text
+
+
+def timed(fn, repeats: int, device: torch.device, warmup: int = 2) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def append_results(title: str, device: torch.device, lines: list[str], results: Path | None = None) -> Path:
+    path = Path(os.environ.get("KMEANSINIT_RESULTS", results or HERE / "RESULTS.md"))
+    cmd = "python " + " ".join([Path(sys.argv[0]).relative_to(HERE.parent).as_posix()
+                                if Path(sys.argv[0]).resolve().is_relative_to(HERE.parent) else sys.argv[0]] + sys.argv[1:])
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    block = [f"## {title}", "", f"- date: {stamp}", f"- machine: {machine(device)}", f"- command: `{cmd}`", ""] + lines + [""]
+    with open(path, "a") as f:
+        f.write("\n".join(block) + "\n")
+    print("\n".join(block))
+    return path

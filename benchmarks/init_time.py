@@ -1,0 +1,60 @@
+"""Joint k-means init: the default fast solver against the paper's recipe (momentum SGD, batch 64,
+256 images), on the same joint objective (k-means terms + cosine term, lambda = 100, sum reduction).
+
+The paper's 10,000 steps are timed over ``--paper-steps`` steps and extrapolated linearly (the step
+cost is constant); its objective after ``--paper-steps`` is a lower bound on what the full recipe
+reaches only if it keeps rising, so both the partial value and the step count are reported.
+
+    python benchmarks/init_time.py [--device auto] [--paper-steps 200] [--gated]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from _common import append_results
+
+from kmeansinit import PaperNet, initialize_, joint_objective
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="auto")
+    p.add_argument("--paper-steps", type=int, default=200)
+    p.add_argument("--images", type=int, default=256)
+    a = p.parse_args()
+    dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device))
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(a.images, 3, 32, 32, generator=g) * 2 - 1).to(dev)
+    lines = ["| model | solver | steps | seconds | seconds for 10,000 paper steps | joint objective |", "|---|---|---|---|---|---|"]
+    for gated in (False, True):
+        name = "gated" if gated else "vanilla"
+        torch.manual_seed(0)
+        base = PaperNet(gated=gated).to(dev)
+        m1 = PaperNet(gated=gated).to(dev)
+        m1.load_state_dict(base.state_dict())
+        t = time.perf_counter()
+        initialize_(m1, "kmeans", images, progress=False)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t_fast = time.perf_counter() - t
+        j_fast = joint_objective(m1, images)
+        lines.append(f"| {name} | kmeans (lloyd) | default | {t_fast:.2f} | | {j_fast:.4g} |")
+        m2 = PaperNet(gated=gated).to(dev)
+        m2.load_state_dict(base.state_dict())
+        t = time.perf_counter()
+        initialize_(m2, "kmeans-paper", images, steps=a.paper_steps, progress=False)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t_paper = time.perf_counter() - t
+        j_paper = joint_objective(m2, images)
+        full = t_paper / a.paper_steps * 10_000
+        lines.append(f"| {name} | kmeans-paper (gradient) | {a.paper_steps} | {t_paper:.2f} | {full:.0f} (extrapolated) | {j_paper:.4g} |")
+        lines.append(f"| {name} | ratio fast / paper-10k time | | | {t_fast / full:.4f} | |")
+    append_results(f"Joint k-means init time ({dev.type}, {a.images} images)", dev, lines)
+
+
+if __name__ == "__main__":
+    main()

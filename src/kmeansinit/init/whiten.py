@@ -1,0 +1,134 @@
+"""Patch spaces for k-means: raw patches, or contrast-normalized and ZCA-whitened patches mapped back.
+
+Coates & Ng (2012) and Kraehenbuehl et al. (2015) run k-means on patches ``p`` that are first
+normalized per patch, ``p' = P p / s(p)`` with ``P = I - 11^T / D`` (remove the patch mean) and
+``s(p) = sqrt(var(p) + eps_norm)``, then ZCA-whitened, ``z = W (p' - m)`` with
+``W = V (L + eps_zca)^(-1/2) V^T`` from the covariance of ``p'``. A centroid ``c`` found in
+``z``-space acts on raw patches through the raw filter ``w = P W c``:
+
+    <z, c> = <p, P W c> / s(p) - <m, W c>
+
+The second term does not depend on the patch, and ``s(p) > 0``, so the filter ``w`` ranks patches
+as ``c`` does, up to a per-filter offset which BN (or a bias) absorbs. Everything except the
+covariance (one chunked unfold) stays in convolution form.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..objectives import filter_responses, masked_patch_sums, patch_sq_norms
+
+__all__ = ["RawSpace", "ZCASpace", "unfold_patches"]
+
+
+class RawSpace:
+    """k-means on the layer's own patches (optionally of a per-channel-centred input)."""
+
+    def __init__(self, layer: nn.Module, mean: Tensor | None = None):
+        self.layer, self.mean = layer, mean
+
+    def prep(self, x: Tensor) -> Tensor:
+        if self.mean is None:
+            return x
+        shape = (-1,) if isinstance(self.layer, nn.Linear) else (1, -1, *([1] * (x.dim() - 2)))
+        return x - self.mean.reshape(shape)
+
+    def responses(self, x: Tensor, c: Tensor) -> Tensor:
+        return filter_responses(self.prep(x), self.layer, c, normalize=False)
+
+    def sums(self, x: Tensor, mask: Tensor, like: Tensor) -> Tensor:
+        return masked_patch_sums(self.prep(x), self.layer, mask, like)
+
+    def sq_norms(self, x: Tensor) -> Tensor:
+        return patch_sq_norms(self.prep(x), self.layer)
+
+    def to_raw(self, c: Tensor) -> Tensor:
+        return c
+
+
+def unfold_patches(x: Tensor, layer: nn.Module) -> Tensor:
+    """Every patch of ``layer`` (rows), for ungrouped Conv2d and Linear only: used for covariances."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if not isinstance(layer, nn.Conv2d) or layer.groups != 1:
+        raise ValueError(f"preprocess='zca' supports ungrouped Conv2d and Linear layers, got {layer}")
+    if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+        x = F.pad(x, layer._reversed_padding_repeated_twice,
+                  mode="constant" if layer.padding_mode == "zeros" else layer.padding_mode)
+        pad = 0
+    else:
+        pad = layer.padding
+    p = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=pad, stride=layer.stride)
+    return p.transpose(1, 2).reshape(-1, p.shape[1])
+
+
+class ZCASpace:
+    """k-means on contrast-normalized, ZCA-whitened patches; filters mapped back to raw patches."""
+
+    def __init__(self, layer: nn.Module, chunks, eps_norm: float = 1e-2, eps_zca: float = 1e-2):
+        self.layer, self.eps_norm = layer, eps_norm
+        total, outer, count, dim = None, None, 0, None
+        for x in chunks:
+            p = self._normalize(unfold_patches(x, layer).double())
+            dim = p.shape[1]
+            total = p.sum(0) if total is None else total + p.sum(0)
+            outer = p.t() @ p if outer is None else outer + p.t() @ p
+            count += p.shape[0]
+        self.m = total / count
+        cov = outer / count - torch.outer(self.m, self.m)
+        evals, evecs = torch.linalg.eigh(cov)
+        # eps_zca relative to the mean eigenvalue, so it means the same for every layer's scale.
+        eps = eps_zca * float(evals.clamp_min(0).mean())
+        self.W = (evecs * (evals.clamp_min(0) + eps).rsqrt()) @ evecs.t()
+        self.dim = dim
+        self.dtype = x.dtype
+
+    def _normalize(self, p: Tensor) -> Tensor:
+        p = p - p.mean(dim=1, keepdim=True)
+        return p / torch.sqrt(p.var(dim=1, unbiased=False, keepdim=True) + self.eps_norm)
+
+    def whiten(self, patches: Tensor) -> Tensor:
+        """z for raw patch rows (the reference path, used by tests and the covariance)."""
+        return (self._normalize(patches.double()) - self.m) @ self.W.t()
+
+    def _scale(self, x: Tensor) -> Tensor:
+        """Per-position ``s(p)``, shape (N, 1, 1, L), from conv-form patch moments."""
+        d = self.dim
+        sq = patch_sq_norms(x, self.layer)
+        ones = torch.ones_like(self.layer.weight[:1])
+        mean = filter_responses(x, self.layer, ones, normalize=False) / d
+        var = (sq / d - mean.square()).clamp_min(0)
+        return torch.sqrt(var + self.eps_norm)
+
+    def to_raw(self, c: Tensor) -> Tensor:
+        flat = c.flatten(1).double() @ self.W  # W symmetric: rows of (W c_k)
+        flat = flat - flat.mean(dim=1, keepdim=True)  # P W c
+        return flat.to(c.dtype).reshape(c.shape)
+
+    def offset(self, c: Tensor) -> Tensor:
+        return (c.flatten(1).double() @ self.W) @ self.m
+
+    def responses(self, x: Tensor, c: Tensor) -> Tensor:
+        # <z, c> = <p, PWc>/s(p) - <m, Wc>; multiplied by s(p) > 0, which keeps each patch's argmax.
+        r = filter_responses(x, self.layer, self.to_raw(c), normalize=False)
+        return r - self._scale(x) * self.offset(c).to(r.dtype).reshape(1, 1, -1, 1)
+
+    def sums(self, x: Tensor, mask: Tensor, like: Tensor) -> Tensor:
+        """sum_i mask_ik z_i = W (P sum_i mask_ik p_i / s_i - (sum_i mask_ik) m)."""
+        s = self._scale(x)
+        raw = masked_patch_sums(x, self.layer, mask / s, like).flatten(1).double()
+        raw = raw - raw.mean(dim=1, keepdim=True)
+        n = mask.sum(dim=(0, 3)).reshape(-1, 1).double()
+        return ((raw - n * self.m) @ self.W).to(like.dtype).reshape(like.shape)
+
+    def sq_norms(self, x: Tensor) -> Tensor:
+        # Used to skip zero patches: a constant patch normalizes to 0 and carries no direction.
+        sq = patch_sq_norms(x, self.layer)
+        ones = torch.ones_like(self.layer.weight[:1])
+        mean = filter_responses(x, self.layer, ones, normalize=False) / self.dim
+        return (sq - self.dim * mean.square()).clamp_min(0)
