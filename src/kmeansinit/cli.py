@@ -45,6 +45,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--iterations", type=int, default=d.iterations, help="total steps; lr halves at 2/3")
+    p.add_argument("--halve-at", type=float, default=d.halve_at, help="fraction of the run after which lr halves (paper: 2/3)")
     p.add_argument("--epochs", type=float, default=None, help="overrides --iterations")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
@@ -55,6 +56,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: all cores)")
     p.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     p.add_argument("--out", default=d.out, help="run folder")
+    p.add_argument("--init-cache", default=None, help="folder of finished inits to reuse across runs")
+    p.add_argument("--tag", default="", help="a label for grids and reports")
 
 
 def train_config_from_args(a: argparse.Namespace):
@@ -73,6 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(t)
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (other options are ignored)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    r = sub.add_parser("reproduce", help="run one of the paper's grids and write its report")
+    r.add_argument("grid", choices=["table2", "table3", "ablation", "study"])
+    r.add_argument("--schedule", choices=["paper", "short", "tiny"], default="short",
+                   help="paper: 75,000 iterations; short: 1,500 (see README)")
+    r.add_argument("--seeds", type=int, default=1)
+    r.add_argument("--out", default=None, help="grid folder (default runs/<grid>)")
+    r.add_argument("--data", default="../shared/data")
+    r.add_argument("--init", default=None, help="table3: the init of every cell (default he)")
+    r.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes")
+    r.add_argument("--dry-run", action="store_true", help="print each cell's kmeansinit train command")
+    rep = sub.add_parser("report", help="write report.md, curves.png, filters.png from run folders")
+    rep.add_argument("dir")
+    rep.add_argument("--title", default=None)
     return p
 
 
@@ -88,9 +104,26 @@ def main(argv=None) -> int:
                 cfg.out = args.resume
             last = train(cfg, resume=bool(args.resume), progress=not args.quiet)
             print(json.dumps(last))
+        elif args.command == "reproduce":
+            from .experiments import build_grid, run_grid
+            from .report import write_report
+
+            out = args.out or f"runs/{args.grid}"
+            cells = build_grid(args.grid, out=out, schedule=args.schedule, seeds=args.seeds, data=args.data,
+                               init=args.init)
+            failed = run_grid(cells, jobs=args.jobs, dry_run=args.dry_run)
+            if not args.dry_run:
+                print(f"report: {write_report(out, title=f'{args.grid} ({args.schedule} schedule)')}")
+            if failed:
+                print(f"kmeansinit: error: {len(failed)} cells failed: {', '.join(c.name for c in failed)}", file=sys.stderr)
+                return 1
+        elif args.command == "report":
+            from .report import write_report
+
+            print(write_report(args.dir, title=args.title))
         return 0
     except KeyboardInterrupt:
         return 130
-    except (DataError, RunError, ValueError, TypeError, FileNotFoundError) as e:
+    except (DataError, RunError, ValueError, TypeError, FileNotFoundError, ImportError) as e:
         print(f"kmeansinit: error: {e}", file=sys.stderr)
         return 2

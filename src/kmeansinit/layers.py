@@ -53,6 +53,9 @@ class GatedConv2d(nn.Conv2d):
         )
         # nn.Conv2d stored 3 * out_channels; the public attribute is the gated layer's width.
         self.out_channels = out_channels
+        # A hook point for the pre-gate outputs: joint k-means reads its objective from them
+        # instead of running the convolution a second time. No parameters, no state.
+        self.pre_gate_tap = nn.Identity()
 
     def conv_weight(self, weight: Tensor | None = None) -> Tensor:
         """``weight`` laid out for one grouped convolution: group ``j`` holds ``(w1_j, w2_j, w3_j)``."""
@@ -77,7 +80,7 @@ class GatedConv2d(nn.Conv2d):
         return self._ungroup_output(self._conv_forward(x, self.conv_weight(), bias))
 
     def forward(self, x: Tensor) -> Tensor:
-        g, v1, v2 = self.pre_gate(x).chunk(3, dim=1)
+        g, v1, v2 = self.pre_gate_tap(self.pre_gate(x)).chunk(3, dim=1)
         psi = torch.sigmoid(g)
         # v2 + psi * (v1 - v2) == psi * v1 + (1 - psi) * v2 with one multiply fewer.
         return torch.lerp(v2, v1, psi)

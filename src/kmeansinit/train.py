@@ -49,6 +49,7 @@ class TrainConfig:
     init_images: int = 256  # images for data-dependent inits; 0 = the whole training set
     init_split: str = "train"  # train (no test leakage) | test (the paper used 256 test images)
     init_options: dict = field(default_factory=dict)
+    init_cache: str | None = None  # folder of finished inits, shared by runs that differ only after init
     # optimization: the paper's recipe
     optimizer: str = "sgd"  # sgd (momentum 0.9) | adam
     lr: float = 1e-3
@@ -68,6 +69,7 @@ class TrainConfig:
     threads: int = 0  # 0 = all cores
     device: str = "auto"
     out: str = "runs/run"
+    tag: str = ""  # free label for grids and reports
 
     def resolved_iterations(self, train_size: int) -> int:
         if self.epochs is not None:
@@ -224,8 +226,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
         cfg_path.write_text(json.dumps(dataclasses.asdict(cfg) | {"resolved_iterations": total,
                                                                    "normalizer": norm.state_dict()}, indent=2))
         metrics_path.write_text("")
-        report = _init(model, cfg, ds, norm, device, progress)
+        report = _cached_init(model, cfg, ds, norm, device, progress)
         report.save(out / "init_report.json")
+        _atomic_save(model.state_dict(), out / "init.pt")
         log.line(str(report).splitlines()[0])
         _save_checkpoint(ckpt_path, model, opt, 0, 0.0)
     if cfg.channels_last:
@@ -288,6 +291,34 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
 def _save_checkpoint(path: Path, model, opt, step: int, wall: float) -> None:
     _atomic_save(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step, wall=wall,
                       rng={"torch": torch.get_rng_state()}), path)
+
+
+def init_key(cfg: TrainConfig, ds) -> str:
+    """What determines an init's result: model, init and its options, the images it sees, the seed."""
+    import hashlib
+
+    fields = dict(dataset=cfg.dataset, data=str(Path(cfg.data).resolve()), label=cfg.label, image_size=cfg.image_size,
+                  gated=cfg.gated, width=cfg.width, classes=ds.num_classes, init=cfg.init, init_images=cfg.init_images,
+                  init_split=cfg.init_split, init_options=cfg.init_options, seed=cfg.seed, n_train=len(ds.train_y))
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cached_init(model: nn.Module, cfg: TrainConfig, ds, norm: Normalizer, device, progress: bool):
+    """Run the init, or load it from ``cfg.init_cache`` when an identical one was done before."""
+    from .init import InitReport
+
+    if not cfg.init_cache:
+        return _init(model, cfg, ds, norm, device, progress)
+    cache = Path(cfg.init_cache)
+    path = cache / f"{cfg.init}-{init_key(cfg, ds)}.pt"
+    if path.exists():
+        blob = torch.load(path, map_location=device, weights_only=False)
+        model.load_state_dict(blob["model"])
+        return InitReport.from_dict(blob["report"])
+    report = _init(model, cfg, ds, norm, device, progress)
+    cache.mkdir(parents=True, exist_ok=True)
+    _atomic_save(dict(model=model.state_dict(), report=report.to_dict()), path)
+    return report
 
 
 def _init(model: nn.Module, cfg: TrainConfig, ds, norm: Normalizer, device, progress: bool):

@@ -59,9 +59,11 @@ def find_layers(model: nn.Module, include_linear: bool = False, layers=None) -> 
 class Taps:
     """Forward pre-hooks recording each target layer's input; optionally ending the forward at one layer."""
 
-    def __init__(self, model: nn.Module, targets: dict[str, nn.Module]):
+    def __init__(self, model: nn.Module, targets: dict[str, nn.Module], outputs: bool = False):
         self.model = model
         self.targets = targets
+        self.capture_outputs = outputs
+        self.outputs: dict[str, Tensor] = {}
         self.inputs: dict[str, Tensor] = {}
         self.order: list[str] = []
         self.stop_at: str | None = None
@@ -70,6 +72,10 @@ class Taps:
     def __enter__(self):
         for name, m in self.targets.items():
             self._handles.append(m.register_forward_pre_hook(self._hook(name)))
+            if self.capture_outputs:
+                # A gated layer's objective lives in its pre-gate outputs, not in its output.
+                point = getattr(m, "pre_gate_tap", m)
+                self._handles.append(point.register_forward_hook(self._out_hook(name)))
         return self
 
     def __exit__(self, *exc):
@@ -82,14 +88,24 @@ class Taps:
             self.inputs[name] = args[0]
             if name not in self.order:
                 self.order.append(name)
+            if name == self.stop_at and not self.capture_outputs:
+                raise _Stop
+
+        return hook
+
+    def _out_hook(self, name):
+        def hook(module, args, out):
+            self.outputs[name] = out
             if name == self.stop_at:
                 raise _Stop
+            # The model goes on with a copy, so in-place ops after the layer cannot touch ours.
+            return out.clone()
 
         return hook
 
     def run(self, x: Tensor, overrides: dict[str, Tensor] | None = None, stop_at: str | None = None) -> dict[str, Tensor]:
         """Forward ``x`` (with parameters/buffers replaced by ``overrides``); return captured inputs."""
-        self.inputs = {}
+        self.inputs, self.outputs = {}, {}
         self.stop_at = stop_at
         try:
             if overrides:

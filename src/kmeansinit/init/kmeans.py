@@ -269,10 +269,35 @@ def _lloyd(t: _Target, inputs, space, iters: int, gen: torch.Generator, pairs: b
     return unit_filters(space.to_raw(c)), done
 
 
+def _responses_from_output(t: _Target, out: Tensor, w: Tensor) -> Tensor:
+    """Eq. 3's dot products from the layer's own output: ``(out - bias) / ||w_k||``, in banks.
+
+    The forward pass already computed ``conv(x, w)``; dividing by the filter norms gives the
+    normalized-filter responses without a second convolution.
+    """
+    m = t.module
+    norms = w.flatten(1).norm(dim=1).clamp_min(1e-12)
+    if isinstance(m, nn.Linear):
+        rows = out.reshape(-1, out.shape[-1])
+        if m.bias is not None:
+            rows = rows - m.bias
+        return (rows / norms).reshape(rows.shape[0], 1, -1, 1)
+    if m.bias is not None:
+        out = out - m.bias.reshape(1, -1, *([1] * (out.dim() - 2)))
+    out = out / norms.reshape(1, -1, *([1] * (out.dim() - 2)))
+    if isinstance(m, GatedConv2d) and m.groups > 1:
+        out = out[:, t.perm]  # layer layout -> bank-major conv layout
+    return out.reshape(out.shape[0], t.banks, t.per_bank, -1)
+
+
 def _joint_terms(taps: Taps, batch: Tensor, targets: list[_Target], weights: dict[str, Tensor], reduction: str):
     overrides = {f"{t.name}.weight": weights[t.name] for t in targets}
-    inputs = taps.run(batch, overrides, stop_at=targets[-1].name)
-    return [kmeans_objective(inputs[t.name], t.module, reduction, weight=weights[t.name]) for t in targets]
+    taps.run(batch, overrides, stop_at=targets[-1].name)
+    terms = []
+    for t in targets:
+        best = _responses_from_output(t, taps.outputs[t.name], weights[t.name]).amax(dim=2)
+        terms.append(best.mean() if reduction == "mean" else best.sum())
+    return terms
 
 
 def _evaluate(taps, images, targets, weights, reduction, batch_size, cosine_weight):
@@ -441,7 +466,7 @@ def kmeans_init_(
                 raise ValueError(f"layers must be >= 1 when an int, got {layers}")
             order = order[:layers]
         targets = [_target(n, found[n]) for n in order]
-        with Taps(model, {t.name: t.module for t in targets}) as taps:
+        with Taps(model, {t.name: t.module for t in targets}, outputs=True) as taps:
             weights = {t.name: t.module.weight.detach().clone() for t in targets}
             before, _, joint_before = _evaluate(taps, images, targets, weights, reduction, batch_size, cosine_weight)
             reports = [LayerReport(t.name, t.filters, objective_before=b) for t, b in zip(targets, before)]
@@ -537,7 +562,7 @@ def joint_objective(model: nn.Module, images: Tensor, *, cosine_weight: float = 
         if isinstance(layers, int):
             order = order[:layers]
         targets = [_target(n, found[n]) for n in order]
-        with Taps(model, {t.name: t.module for t in targets}) as taps:
+        with Taps(model, {t.name: t.module for t in targets}, outputs=True) as taps:
             weights = {t.name: t.module.weight for t in targets}
             return _evaluate(taps, images, targets, weights, reduction, batch_size, cosine_weight)[2]
 

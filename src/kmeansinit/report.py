@@ -1,0 +1,296 @@
+"""Reports from run folders only (config.json, metrics.jsonl, init_report.json, init.pt, final.pt).
+
+``write_report(dir)`` writes ``report.md``, ``curves.png`` and ``filters.png`` into ``dir``. It never
+imports the trainer: a folder copied from a cluster is enough.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Run", "collect", "summarize", "write_report", "PAPER"]
+
+#: The paper's own test accuracies that we quote (Figure 1 / Table 2, CIFAR-10, SGD). Rows not
+#: listed are left blank rather than guessed.
+PAPER = {"he-sgd": 0.740, "kmeans-paper-sgd": 0.767}
+
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+@dataclass
+class Run:
+    path: Path
+    group: str
+    seed: str
+    config: dict
+    rows: list[dict]
+    init: dict = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return (self.path / "final.pt").exists()
+
+    @property
+    def evals(self) -> list[dict]:
+        return [r for r in self.rows if "test_acc" in r]
+
+
+_SEED = re.compile(r"(?:^|[-/])s(\d+)$")
+
+
+def _group_of(rel: str) -> tuple[str, str]:
+    m = _SEED.search(rel)
+    if not m:
+        return rel, "0"
+    return rel[: m.start()], m.group(1)
+
+
+def collect(root: str | Path) -> list[Run]:
+    """Every run folder (one with config.json) under ``root``, grouped by name with the seed stripped."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder")
+    runs = []
+    for cfg_path in sorted(root.rglob("config.json")):
+        if "init-cache" in cfg_path.parts:
+            continue
+        folder = cfg_path.parent
+        rel = folder.relative_to(root).as_posix() if folder != root else folder.name
+        group, seed = _group_of(rel)
+        rows = []
+        mpath = folder / "metrics.jsonl"
+        if mpath.exists():
+            for line in mpath.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break
+        init = {}
+        if (folder / "init_report.json").exists():
+            init = json.loads((folder / "init_report.json").read_text())
+        runs.append(Run(folder, group, seed, json.loads(cfg_path.read_text()), rows, init))
+    return runs
+
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        return math.nan, math.nan
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def _acc_at(run: Run, step: int) -> float | None:
+    """Test accuracy at the last evaluation at or before ``step``."""
+    best = None
+    for r in run.evals:
+        if r["step"] <= step:
+            best = r["test_acc"]
+    return best
+
+
+def _first_reach(run: Run, level: float) -> tuple[int | None, float | None]:
+    for r in run.evals:
+        if r["test_acc"] >= level:
+            return r["step"], r["wall"]
+    return None, None
+
+
+def summarize(runs: list[Run]) -> dict[str, dict]:
+    """Per group: final accuracy/loss (mean, sd, n), steps and seconds to each accuracy threshold."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        if r.evals:
+            groups.setdefault(r.group, []).append(r)
+    out = {}
+    for g, rs in sorted(groups.items()):
+        last = [r.evals[-1] for r in rs]
+        acc, acc_sd = _mean_sd([x["test_acc"] for x in last])
+        loss, loss_sd = _mean_sd([x["test_loss"] for x in last])
+        per_epoch = None
+        cfg = rs[0].config
+        if "resolved_iterations" in cfg and rs[0].rows:
+            per_epoch = round(rs[0].rows[-1]["step"] / rs[0].rows[-1]["epoch"]) if rs[0].rows[-1]["epoch"] else None
+        reach = {}
+        for level in THRESHOLDS:
+            hits = [_first_reach(r, level) for r in rs]
+            steps = [h[0] for h in hits]
+            reach[level] = dict(
+                steps=statistics.fmean(steps) if all(s is not None for s in steps) else None,
+                wall=statistics.fmean([h[1] for h in hits]) if all(s is not None for s in steps) else None,
+                reached=sum(s is not None for s in steps),
+            )
+        epochs = {}
+        if per_epoch:
+            for e in (1, 2, 3):
+                vals = [_acc_at(r, e * per_epoch) for r in rs if r.evals[-1]["step"] >= e * per_epoch]
+                if vals and len(vals) == len(rs):
+                    epochs[e] = _mean_sd(vals)
+        out[g] = dict(n=len(rs), finished=sum(r.finished for r in rs), acc=acc, acc_sd=acc_sd, loss=loss,
+                      loss_sd=loss_sd, steps=last[0]["step"], reach=reach, epochs=epochs, per_epoch=per_epoch,
+                      init=cfg.get("init"), optimizer=cfg.get("optimizer"),
+                      init_seconds=_mean_sd([r.init.get("seconds", math.nan) for r in rs])[0])
+    return out
+
+
+def _fmt(x, sd=None, pct=True):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if pct:
+        return f"{100 * x:.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else "")
+    return f"{x:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
+
+
+def report_markdown(root: Path, runs: list[Run], summary: dict[str, dict], title: str | None = None) -> str:
+    cfg = runs[0].config if runs else {}
+    sched = (f"{cfg.get('resolved_iterations')} iterations, batch {cfg.get('batch_size')}, lr {cfg.get('lr')} "
+             f"halved after {cfg.get('halve_at', 2 / 3):.3g} of the run, weight decay {cfg.get('weight_decay')}")
+    lines = [f"# {title or 'Results: ' + root.name}", "",
+             f"Schedule: {sched}. Test accuracy in %, mean ± sd over seeds (n = seeds). "
+             "'Paper' quotes the paper only where we have its number.", ""]
+    has_epochs = any(s["epochs"] for s in summary.values())
+    head = "| cell | n | final test acc | final test loss |"
+    sep = "|---|---|---|---|"
+    if has_epochs:
+        head += " acc @1 ep | acc @3 ep |"
+        sep += "---|---|"
+    head += " paper | init s |"
+    sep += "---|---|"
+    lines += [head, sep]
+    for g, s in summary.items():
+        done = "" if s["finished"] == s["n"] else f" ({s['finished']} done)"
+        row = f"| {g} | {s['n']}{done} | {_fmt(s['acc'], s['acc_sd'])} | {_fmt(s['loss'], s['loss_sd'], pct=False)} |"
+        if has_epochs:
+            row += "".join(f" {_fmt(*s['epochs'][e]) if e in s['epochs'] else '–'} |" for e in (1, 3))
+        paper = PAPER.get(g.replace("/", "-"))
+        row += f" {_fmt(paper) if paper else ''} | {s['init_seconds']:.1f} |"
+        lines.append(row)
+    lines += ["", "## Expedited training: iterations (and seconds) to first reach a test accuracy", "",
+              "Mean over seeds; '–' where some seed never reached it.", "",
+              "| cell | " + " | ".join(f"{int(100 * t)}%" for t in THRESHOLDS) + " |",
+              "|---|" + "---|" * len(THRESHOLDS)]
+    for g, s in summary.items():
+        cells = []
+        for t in THRESHOLDS:
+            r = s["reach"][t]
+            cells.append(f"{r['steps']:.0f} ({r['wall']:.0f}s)" if r["steps"] is not None else "–")
+        lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    lines += ["", "![curves](curves.png)", ""]
+    if (root / "filters.png").exists():
+        lines += ["![first-layer filters](filters.png)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("plots need matplotlib: pip install 'kmeansinit[plot]'") from e
+    return plt
+
+
+def plot_curves(runs: list[Run], path: Path) -> None:
+    """Training loss and test accuracy against iteration, mean over seeds: colour per init, style per optimizer."""
+    plt = _pyplot()
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(r.group, []).append(r)
+    inits = sorted({_init_of(g) for g in groups})
+    cmap = plt.get_cmap("tab10")
+    colour = {k: cmap(i % 10) for i, k in enumerate(inits)}
+    style = {"sgd": "-", "adam": "--"}
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for g, rs in sorted(groups.items()):
+        opt = rs[0].config.get("optimizer", "sgd")
+        kw = dict(color=colour[_init_of(g)], linestyle=style.get(opt, ":"), label=g, linewidth=1.6)
+        steps, loss = _mean_curve(rs, "train_loss", all_rows=True)
+        if steps:
+            a1.plot(steps, loss, **kw)
+        steps, acc = _mean_curve(rs, "test_acc")
+        if steps:
+            a2.plot(steps, [100 * a for a in acc], marker=".", markersize=3, **kw)
+    a1.set(xlabel="iteration", ylabel="training loss", title="Training loss")
+    a2.set(xlabel="iteration", ylabel="test accuracy (%)", title="Test accuracy")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+    a2.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _init_of(group: str) -> str:
+    g = group.split("/")[0]
+    for opt in ("-sgd", "-adam"):
+        if g.endswith(opt):
+            return g[: -len(opt)]
+    return g
+
+
+def _mean_curve(rs: list[Run], key: str, all_rows: bool = False):
+    per = [{r["step"]: r[key] for r in (run.rows if all_rows else run.evals) if key in r} for run in rs]
+    common = sorted(set.intersection(*(set(p) for p in per))) if per else []
+    return common, [statistics.fmean(p[s] for p in per) for s in common]
+
+
+def plot_filters(runs: list[Run], path: Path) -> bool:
+    """First-layer filters, each normalized on its own: after k-means init, after He init, after training."""
+    import torch
+
+    plt = _pyplot()
+    km = next((r for r in runs if str(r.config.get("init", "")).startswith("kmeans") and (r.path / "init.pt").exists()), None)
+    he = next((r for r in runs if r.config.get("init") == "he" and (r.path / "init.pt").exists()), None)
+    panels = []
+    if km:
+        panels.append((f"after k-means init ({km.config['init']}, no labels)", km.path / "init.pt"))
+    if he:
+        panels.append(("after He init", he.path / "init.pt"))
+    trained = km if km and km.finished else he if he and he.finished else None
+    if trained:
+        panels.append((f"after training ({trained.group})", trained.path / "final.pt"))
+    if not panels:
+        return False
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 1.9 * len(panels) + 0.3), squeeze=False)
+    for ax, (title, p) in zip(axes[:, 0], panels):
+        state = torch.load(p, map_location="cpu", weights_only=False)
+        key = next(k for k in state if k.endswith("weight") and state[k].dim() == 4)
+        w = state[key].float()
+        tiles = []
+        for f in w:
+            f = f[:3] if f.shape[0] >= 3 else f[:1].expand(3, -1, -1)
+            lo, hi = f.min(), f.max()
+            f = (f - lo) / (hi - lo + 1e-12)
+            tiles.append(torch.nn.functional.pad(f, (1, 1, 1, 1), value=1.0))
+        per_row = min(len(tiles), 24)
+        rows = [torch.cat(tiles[i:i + per_row], dim=2) for i in range(0, len(tiles), per_row)]
+        if len(rows) > 1 and rows[-1].shape[2] != rows[0].shape[2]:
+            rows[-1] = torch.nn.functional.pad(rows[-1], (0, rows[0].shape[2] - rows[-1].shape[2]), value=1.0)
+        grid = torch.cat(rows, dim=1).permute(1, 2, 0).numpy()
+        ax.imshow(grid, interpolation="nearest")
+        ax.set_title(f"{title}: {key} {tuple(w.shape)}", fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return True
+
+
+def write_report(root: str | Path, title: str | None = None) -> Path:
+    """Write report.md, curves.png and filters.png for the runs under ``root``; return report.md's path."""
+    root = Path(root)
+    runs = collect(root)
+    if not runs:
+        raise FileNotFoundError(f"{root}: no run folders (config.json) found")
+    summary = summarize(runs)
+    plot_curves([r for r in runs if r.evals], root / "curves.png")
+    plot_filters(runs, root / "filters.png")
+    (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    path = root / "report.md"
+    path.write_text(report_markdown(root, runs, summary, title))
+    return path

@@ -1,0 +1,92 @@
+import json
+import shlex
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kmeansinit.cli import main
+from kmeansinit.experiments import build_grid, cell_command, run_grid
+from kmeansinit.report import collect, summarize, write_report
+
+TINY = dict(width=0.25, batch_size=8, init_images=16, init_options=dict(steps=1), threads=1)
+
+
+def tiny_table2(data, out, seeds=1):
+    cells = build_grid("table2", out=out, schedule="tiny", seeds=seeds, data=str(data), extra=dict(width=0.25, batch_size=8, init_images=16))
+    # Keep the k-means cells cheap: a few init steps instead of the paper's 10,000.
+    for c in cells:
+        if c.config.init.startswith("kmeans"):
+            c.config.init_options = dict(steps=2, refine_steps=1) if c.config.init == "kmeans" else dict(steps=2)
+    return cells
+
+
+def test_grid_shapes():
+    t2 = build_grid("table2", out="g", seeds=2)
+    assert len(t2) == 2 * 5 * 2 and {c.config.optimizer for c in t2} == {"sgd", "adam"}
+    assert {c.config.init for c in t2} == {"normal", "xavier", "he", "kmeans-paper", "kmeans"}
+    ab = build_grid("ablation", out="g")
+    assert sorted(c.config.init_options.get("cosine_weight", -1) for c in ab) == [-1, 0.0, 1.0, 10.0, 100.0]
+    t3 = build_grid("table3", out="g", data="/nonexistent")
+    assert [c.name for c in t3] == ["cifar10-gated/s0", "cifar10-vanilla-x3/s0", "cifar10-vanilla-matched/s0"]
+    with pytest.raises(ValueError, match="unknown grid"):
+        build_grid("table9", out="g")
+
+
+def test_table3_includes_cifar100_when_present(fake_cifar100):
+    t3 = build_grid("table3", out="g", data=str(fake_cifar100))
+    assert any(c.config.dataset == "cifar100" for c in t3)
+
+
+def test_grid_runs_skips_resumes_and_reports(fake_cifar10, tmp_path):
+    out = tmp_path / "grid"
+    cells = tiny_table2(fake_cifar10, out)
+    assert run_grid(cells[:4], log=lambda *_: None) == []
+    assert all(c.done for c in cells[:4])
+    # A finished cell is skipped: its final weights are untouched by a second pass.
+    stamp = (cells[0].out / "final.pt").stat().st_mtime_ns
+    # An interrupted cell (config + checkpoint, no final) is resumed.
+    victim = cells[5]
+    subprocess.run(cell_command(victim) + ["--iterations", "8"], check=True, capture_output=True)
+    (victim.out / "final.pt").unlink()
+    logs = []
+    assert run_grid(cells, log=logs.append) == []
+    assert (cells[0].out / "final.pt").stat().st_mtime_ns == stamp
+    assert any(f"{victim.name}: resuming" in l for l in logs)
+    assert all(c.done for c in cells)
+    # SGD and Adam cells of one k-means init share it through the cache.
+    km = [c for c in cells if c.config.init == "kmeans-paper"]
+    a, b = (torch.load(c.out / "init.pt") for c in km)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    path = write_report(out, title="tiny")
+    text = path.read_text()
+    summary = summarize(collect(out))
+    for name, s in summary.items():
+        runs = [r for r in collect(out) if r.group == name]
+        assert s["acc"] == pytest.approx(runs[0].evals[-1]["test_acc"])
+        assert f"| {name} | 1 | {100 * s['acc']:.1f} ± 0.0 |" in text
+    for png in ("curves.png", "filters.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_dry_run_prints_commands_that_run(fake_cifar10, tmp_path, capsys):
+    out = tmp_path / "g"
+    cells = tiny_table2(fake_cifar10, out)
+    lines = []
+    run_grid(cells, dry_run=True, log=lines.append)
+    assert len(lines) == len(cells) and all(l.startswith("python -m kmeansinit train") for l in lines)
+    cmd = shlex.split(lines[4])
+    cmd[0] = sys.executable
+    subprocess.run(cmd, check=True, capture_output=True)
+    assert cells[4].done
+
+
+def test_reproduce_and_report_cli(fake_cifar10, tmp_path, capsys):
+    assert main(["reproduce", "table2", "--schedule", "tiny", "--data", str(fake_cifar10), "--out",
+                 str(tmp_path / "g"), "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("kmeansinit train") == 10
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "no such folder" in capsys.readouterr().err
