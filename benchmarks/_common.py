@@ -48,8 +48,9 @@ def timed(fn, repeats: int, device: torch.device, warmup: int = 2) -> float:
 
 def append_results(title: str, device: torch.device, lines: list[str], results: Path | None = None) -> Path:
     path = Path(os.environ.get("KMEANSINIT_RESULTS", results or HERE / "RESULTS.md"))
-    cmd = "python " + " ".join([Path(sys.argv[0]).relative_to(HERE.parent).as_posix()
-                                if Path(sys.argv[0]).resolve().is_relative_to(HERE.parent) else sys.argv[0]] + sys.argv[1:])
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(HERE.parent).as_posix() if script.is_relative_to(HERE.parent) else sys.argv[0]
+    cmd = "python " + " ".join([shown] + sys.argv[1:])
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     block = [f"## {title}", "", f"- date: {stamp}", f"- machine: {machine(device)}", f"- command: `{cmd}`", ""] + lines + [""]
     with open(path, "a") as f:

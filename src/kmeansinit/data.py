@@ -277,16 +277,17 @@ class Normalizer:
 
 def flip_batch(x: Tensor, mask: Tensor) -> Tensor:
     """Mirror (left-right) the images of ``x`` where ``mask`` is True, in one tensor op."""
-    return torch.where(mask.reshape(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)
+    return torch.where(mask.to(x.device).reshape(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)
 
 
 def crop_batch(x: Tensor, pad: int, offsets: Tensor) -> Tensor:
     """Random crops of a zero-padded batch: ``offsets`` (N, 2) in [0, 2*pad], one gather per batch."""
     n, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    rows = (offsets[:, 0:1] + torch.arange(h)).reshape(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
+    offsets = offsets.to(x.device)
+    rows = (offsets[:, 0:1] + torch.arange(h, device=x.device)).reshape(n, 1, h, 1).expand(n, c, h, w + 2 * pad)
     padded = padded.gather(2, rows)
-    cols = (offsets[:, 1:2] + torch.arange(w)).reshape(n, 1, 1, w).expand(n, c, h, w)
+    cols = (offsets[:, 1:2] + torch.arange(w, device=x.device)).reshape(n, 1, 1, w).expand(n, c, h, w)
     return padded.gather(3, cols)
 
 
@@ -319,7 +320,7 @@ class BatchLoader:
     def batch(self, step: int) -> tuple[Tensor, Tensor]:
         epoch, i = divmod(step, self.per_epoch)
         idx = self._order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
-        x, y = self.x[idx], self.y[idx]
+        x, y = self.x[idx.to(self.x.device)], self.y[idx.to(self.y.device)]
         g = torch.Generator().manual_seed(self.seed * 7_368_787 + step + 1)
         if self.flip:
             x = flip_batch(x, torch.rand(x.shape[0], generator=g) < 0.5)

@@ -58,7 +58,7 @@ class _Target:
 
 def _target(name: str, m: nn.Module) -> _Target:
     k = m.weight.shape[0]
-    idx = torch.arange(k)
+    idx = torch.arange(k, device=m.weight.device)
     if isinstance(m, GatedConv2d):
         idx = m.conv_weight(idx.reshape(k, 1, 1, 1)).reshape(-1)
     banks = 1 if isinstance(m, nn.Linear) else m.groups
@@ -169,9 +169,9 @@ def _partners(t: _Target) -> Tensor:
     kb = t.per_bank
     if kb % 2:
         raise ValueError(f"layer {t.name}: pairs=True needs an even number of filters per bank, got {kb}")
-    conv = torch.arange(t.filters).reshape(t.banks, kb)
+    conv = torch.arange(t.filters, device=t.perm.device).reshape(t.banks, kb)
     partner_conv = torch.cat([conv[:, kb // 2:], conv[:, :kb // 2]], dim=1).reshape(-1)
-    out = torch.empty(t.filters, dtype=torch.long)
+    out = torch.empty(t.filters, dtype=torch.long, device=t.perm.device)
     out[t.perm] = t.perm[partner_conv]
     return out
 
@@ -226,15 +226,17 @@ def _lloyd(t: _Target, inputs, space, iters: int, gen: torch.Generator, pairs: b
     after the layer passes both signs of every direction.
     """
     partner = _partners(t) if pairs else None
-    everything = torch.ones(t.filters, dtype=torch.bool)
-    rand = lambda x, sq: torch.rand(sq.shape, generator=gen)
+    dev = t.perm.device
+    everything = torch.ones(t.filters, dtype=torch.bool, device=dev)
+    # Drawn on the CPU generator, so a seed picks the same patches on every device.
+    rand = lambda x, sq: torch.rand(sq.shape, generator=gen).to(sq.device)
     c = unit_filters(_pick_patches(t, inputs, space, everything, rand))
     if pairs:
         c = unit_filters(c - c[partner])
     done = 0
     for _ in range(iters):
         sums = torch.zeros_like(c)
-        counts = torch.zeros(t.filters, dtype=torch.float64)
+        counts = torch.zeros(t.filters, dtype=torch.float64, device=dev)
         for x in inputs:
             r = space.responses(x, c)
             mask = torch.zeros_like(r).scatter_(2, r.argmax(dim=2, keepdim=True), 1.0)
@@ -246,7 +248,7 @@ def _lloyd(t: _Target, inputs, space, iters: int, gen: torch.Generator, pairs: b
         new = unit_filters(sums)
         dead = (counts == 0) | (sums.flatten(1).norm(dim=1) <= _EPS)
         if bool(dead.any()):
-            want = dead & (torch.arange(t.filters) < partner) if pairs else dead
+            want = dead & (torch.arange(t.filters, device=dev) < partner) if pairs else dead
             if pairs or isinstance(space, ZCASpace):
                 score = rand  # far-from-centroid scores need raw patch norms; random patches do here
             else:
@@ -326,7 +328,7 @@ def _gradient_phase(taps, images, targets, weights, *, steps, lr, optimizer, mom
     for _ in range(steps):
         if pos + bs > n:
             order, pos = torch.randperm(n, generator=gen), 0
-        batch = images[order[pos:pos + bs]]
+        batch = images[order[pos:pos + bs].to(images.device)]
         pos += bs
         with torch.enable_grad():
             objs = _joint_terms(taps, batch, targets, params, reduction)
