@@ -361,3 +361,24 @@ def test_first_n_layers_only_and_he_base():
     initialize_(ref, "he", generator=torch.Generator().manual_seed(0))
     assert torch.equal(model.features[6].weight, ref.features[6].weight)  # He base, seed 0
     assert not torch.equal(model.features[0].weight, ref.features[0].weight)
+
+
+@pytest.mark.parametrize("pairs", [False, True])
+def test_orthogonal_option_gives_orthonormal_banks_closest_to_centroids(pairs):
+    torch.manual_seed(0)
+    x = images(24, size=12)
+    model = small_net(gated=True)
+    kmeans_init_(model, x, mode="layerwise", steps=3, scale="unit", orthogonal=True, pairs=pairs, progress=False)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            w = m.weight.flatten(1)
+            k = w.shape[0] // 2 if pairs else w.shape[0]
+            assert_close(w[:k] @ w[:k].t(), torch.eye(k), atol=1e-5, rtol=0)
+    # Loewdin's U V^T is the orthonormal set nearest to the centroids: no other is closer.
+    from kmeansinit.init.kmeans import _target, orthogonalize_banks
+
+    layer = nn.Conv2d(3, 4, 3, bias=False)
+    w = torch.randn(4, 3, 3, 3)
+    o = orthogonalize_banks(_target("c", layer), w)
+    q, _ = torch.linalg.qr(torch.randn(27, 4))
+    assert (o - w).norm() <= (q.t().reshape(4, 3, 3, 3) - w).norm()

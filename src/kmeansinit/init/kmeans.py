@@ -219,7 +219,29 @@ def _pick_patches(t: _Target, inputs, space, want: Tensor, score_fn) -> Tensor:
     return out
 
 
-def _lloyd(t: _Target, inputs, space, iters: int, gen: torch.Generator, pairs: bool = False) -> tuple[Tensor, int]:
+def orthogonalize_banks(t: _Target, w: Tensor, partner: Tensor | None = None) -> Tensor:
+    """The orthonormal filters closest to ``w`` in each bank (Loewdin: ``U V^T`` of ``w = U S V^T``).
+
+    The limit of the cosine penalty (eq. 4) at infinite weight: every pair of filters of a bank
+    becomes orthogonal while each filter stays as close as possible to its own centroid. With
+    ``partner`` (pairs), the first filter of each pair is orthogonalized and its partner negated.
+    """
+    flat = w.flatten(1)
+    conv = flat[t.perm].reshape(t.banks, t.per_bank, -1)
+    keep = t.per_bank // 2 if partner is not None else t.per_bank
+    if keep > conv.shape[-1]:
+        raise ValueError(f"layer {t.name}: cannot orthogonalize {keep} filters of {conv.shape[-1]} dimensions")
+    u, _, vh = torch.linalg.svd(conv[:, :keep].double(), full_matrices=False)
+    ortho = (u @ vh).to(w.dtype)
+    if partner is not None:
+        ortho = torch.cat([ortho, -ortho], dim=1)
+    out = torch.empty_like(flat)
+    out[t.perm] = ortho.reshape(-1, flat.shape[1])
+    return out.reshape(w.shape)
+
+
+def _lloyd(t: _Target, inputs, space, iters: int, gen: torch.Generator, pairs: bool = False,
+           orthogonal: bool = False) -> tuple[Tensor, int]:
     """Spherical k-means on one layer's input patches (in ``space``); returns centroids and iterations run.
 
     With ``pairs`` each filter's partner is its negative: clustering by ``|<x, c>|``, so that a ReLU
@@ -268,7 +290,10 @@ def _lloyd(t: _Target, inputs, space, iters: int, gen: torch.Generator, pairs: b
         c = new
         if float(shift) < 1e-6:
             break
-    return unit_filters(space.to_raw(c)), done
+    w = unit_filters(space.to_raw(c))
+    if orthogonal:
+        w = orthogonalize_banks(t, w, partner)
+    return w, done
 
 
 def _responses_from_output(t: _Target, out: Tensor, w: Tensor) -> Tensor:
@@ -370,6 +395,7 @@ def kmeans_init_(
     scale: str = "he",
     preprocess: str = "none",
     pairs: bool = False,
+    orthogonal: bool = False,
     layers=None,
     include_linear: bool = False,
     renormalize: bool = False,
@@ -411,6 +437,8 @@ def kmeans_init_(
             :mod:`kmeansinit.init.whiten`). Applies to the Lloyd phase.
         pairs: each filter's partner (half a bank away) is its negative, so that a ReLU passes both
             signs of every cluster direction (as in the whitening init of airbench); Lloyd phase.
+        orthogonal: replace each layer's centroids by the closest orthonormal set (per bank), the
+            limit of the cosine penalty at infinite weight; Lloyd phase.
         layers: None (all), an int N (the first N layers in forward order), or a list of module names.
         renormalize: project filters back to unit norm after every gradient step (the authors' code).
         cache_bytes: layer inputs up to this size are kept in memory between Lloyd steps; larger ones
@@ -435,7 +463,7 @@ def kmeans_init_(
         raise ValueError(f"preprocess must be one of {PREPROCESS}, got {preprocess!r}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if (preprocess != "none" or pairs) and solver != "lloyd":
+    if (preprocess != "none" or pairs or orthogonal) and solver != "lloyd":
         raise ValueError("preprocess and pairs shape the Lloyd phase; they need solver='lloyd'")
     if mode == "layerwise" and solver != "lloyd":
         raise ValueError("mode='layerwise' runs spherical k-means (solver='lloyd'); solver='gradient' is joint only")
@@ -459,7 +487,7 @@ def kmeans_init_(
     keep = {f"{n}.weight" for n in found} | {f"{n}.bias" for n in found if found[n].bias is not None}
     options = dict(mode=mode, solver=solver, steps=steps, refine_steps=refine_steps, batch_size=batch_size,
                    lr=lr, momentum=momentum, cosine_weight=cosine_weight, reduction=reduction, scale=scale,
-                   preprocess=preprocess, pairs=pairs, renormalize=renormalize, seed=seed, images=int(images.shape[0]))
+                   preprocess=preprocess, pairs=pairs, orthogonal=orthogonal, renormalize=renormalize, seed=seed, images=int(images.shape[0]))
 
     with preserved_state(model, keep), batchnorm_train_mode(model), torch.no_grad():
         order = forward_order(model, found, images[: min(batch_size, images.shape[0])])
@@ -489,7 +517,7 @@ def kmeans_init_(
                             space = ZCASpace(t.module, inputs)
                         else:
                             space = RawSpace(t.module, _channel_mean(inputs, t.module) if preprocess == "center" else None)
-                        w, done = _lloyd(t, inputs, space, steps, gen, pairs=pairs)
+                        w, done = _lloyd(t, inputs, space, steps, gen, pairs=pairs, orthogonal=orthogonal)
                         bar.update(steps)
                         # Later layers cluster the inputs they will really see: this layer's filters at
                         # their final scale (it matters where no BN follows, e.g. before a gate).
