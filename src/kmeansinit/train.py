@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import BatchLoader, Normalizer, load_dataset
+from .distributed import all_reduce_, cleanup, convert_sync_batchnorm, setup
 from .init import initialize_
 from .models import PaperNet
 
@@ -66,6 +67,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     channels_last: bool = True
+    sync_bn: bool = False  # under torchrun: BN over the global batch (else per rank's shard)
     threads: int = 0  # 0 = all cores
     device: str = "auto"
     out: str = "runs/run"
@@ -99,12 +101,6 @@ class TrainConfig:
 def lr_at(step: int, base: float, total: int, halve_at: float) -> float:
     """The paper's schedule: ``base`` until ``halve_at * total`` iterations, then ``base / 2``."""
     return base if step < round(halve_at * total) else base / 2
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -146,9 +142,10 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 class _Progress:
-    def __init__(self, total: int, start: int, enabled: bool):
+    def __init__(self, total: int, start: int, enabled: bool, quiet: bool = False):
         self.bar = None
         self.total = total
+        self.quiet = quiet
         if enabled and sys.stderr.isatty():
             try:
                 from tqdm.auto import tqdm
@@ -164,6 +161,8 @@ class _Progress:
                 self.bar.set_postfix_str(info, refresh=False)
 
     def line(self, text: str):
+        if self.quiet:
+            return
         if self.bar is not None:
             self.bar.write(text)
         else:
@@ -191,7 +190,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
         cfg = TrainConfig(**{k: v for k, v in saved.items() if k in names} | {"out": str(out)})
     elif ckpt_path.exists() or (out / "final.pt").exists():
         raise RunError(f"{out}: already holds a run; use --resume to continue it or choose another --out")
-    device = _device(cfg.device)
+    info, device = setup(cfg.device)
+    if cfg.batch_size % info.world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({info.world_size})")
+    main = info.main
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data, download=cfg.download,
@@ -207,8 +209,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     loader = BatchLoader(ds.train_x, ds.train_y, cfg.batch_size, norm, seed=cfg.seed, flip=cfg.flip,
                          crop=cfg.crop, device=device)
-    out.mkdir(parents=True, exist_ok=True)
-    log = _Progress(total, 0, progress)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    log = _Progress(total, 0, progress and main, quiet=not main)
     start_step = 0
     wall0 = 0.0
     if resume and ckpt_path.exists():
@@ -217,22 +220,33 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
         opt.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["rng"]["torch"])
         start_step, wall0 = ck["step"], ck["wall"]
-        rows = [r for r in _read_rows(metrics_path) if r["step"] <= start_step]
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if main:
+            rows = [r for r in _read_rows(metrics_path) if r["step"] <= start_step]
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         log.line(f"resumed {out} at step {start_step}/{total}")
     else:
         if resume:
             log.line(f"{out}: no checkpoint yet; starting from the beginning")
-        cfg_path.write_text(json.dumps(dataclasses.asdict(cfg) | {"resolved_iterations": total,
-                                                                   "normalizer": norm.state_dict()}, indent=2))
-        metrics_path.write_text("")
-        report = _cached_init(model, cfg, ds, norm, device, progress)
-        report.save(out / "init_report.json")
-        _atomic_save(model.state_dict(), out / "init.pt")
+        if main:
+            cfg_path.write_text(json.dumps(dataclasses.asdict(cfg) | {"resolved_iterations": total,
+                                                                       "normalizer": norm.state_dict(),
+                                                                       "world_size": info.world_size}, indent=2))
+            metrics_path.write_text("")
+        report = _cached_init(model, cfg, ds, norm, device, progress and main, main)
+        if main:
+            report.save(out / "init_report.json")
+            _atomic_save(model.state_dict(), out / "init.pt")
+            _save_checkpoint(ckpt_path, model, opt, 0, 0.0)
         log.line(str(report).splitlines()[0])
-        _save_checkpoint(ckpt_path, model, opt, 0, 0.0)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    raw = model  # checkpoints, evaluation and final weights use the unwrapped model
+    if info.enabled:
+        # After the init: it shares its chunks over ranks itself, and BN there must stay per chunk.
+        if cfg.sync_bn:
+            model = raw = convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    shard = slice(info.rank * cfg.batch_size // info.world_size, (info.rank + 1) * cfg.batch_size // info.world_size)
     log.bar and log.bar.update(start_step - log.bar.n)
     model.train()
     interrupted = {"flag": False}
@@ -247,13 +261,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg.lr, total, cfg.halve_at)
             xb, yb = loader.batch(step)
+            xb, yb = xb[shard], yb[shard]
             if cfg.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with _autocast(cfg, device):
                 loss = F.cross_entropy(model(xb).float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            lv = loss.detach().item()
+            lv = loss.detach().double()
+            if info.enabled:  # every rank sees the global loss, so all stop together on NaN
+                lv = all_reduce_(lv) / info.world_size
+            lv = float(lv)
             if not math.isfinite(lv):
                 raise RunError(f"{out}: loss became {lv} at step {step + 1}; the last good checkpoint "
                                f"(step {torch.load(ckpt_path, weights_only=False)['step']}) is kept")
@@ -264,27 +282,29 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
                 time.sleep(sleep)
             log.step(f"loss {lv:.3f}")
             is_eval = step % cfg.eval_every == 0 or step == total
-            if step % cfg.log_every == 0 or is_eval:
+            if main and (step % cfg.log_every == 0 or is_eval):
                 row = dict(step=step, epoch=step / loader.per_epoch, lr=opt.param_groups[0]["lr"],
                            train_loss=sum(losses) / len(losses), wall=time.perf_counter() - t0)
                 losses = []
                 if is_eval:
-                    row["test_loss"], row["test_acc"] = _evaluate(model, ds.test_x, ds.test_y, norm, device, cfg)
+                    row["test_loss"], row["test_acc"] = _evaluate(raw, ds.test_x, ds.test_y, norm, device, cfg)
                     log.line(f"step {step}/{total} train_loss {row['train_loss']:.4f} test_loss "
                              f"{row['test_loss']:.4f} test_acc {row['test_acc']:.4f} ({row['wall']:.0f}s)")
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 last = row
-            if step % cfg.checkpoint_every == 0 or step == total or interrupted["flag"]:
+            if main and (step % cfg.checkpoint_every == 0 or step == total or interrupted["flag"]):
                 # Metrics rows up to `step` are on disk before the checkpoint that covers them.
-                _save_checkpoint(ckpt_path, model, opt, step, time.perf_counter() - t0)
+                _save_checkpoint(ckpt_path, raw, opt, step, time.perf_counter() - t0)
             if interrupted["flag"]:
                 log.line(f"interrupted at step {step}; continue with: kmeansinit train --resume {out}")
                 raise KeyboardInterrupt
     finally:
         signal.signal(signal.SIGINT, old_handler)
         log.close()
-    _atomic_save({k: v.contiguous() for k, v in model.state_dict().items()}, out / "final.pt")
+    if main:
+        _atomic_save({k: v.contiguous() for k, v in raw.state_dict().items()}, out / "final.pt")
+    cleanup()
     return last
 
 
@@ -303,7 +323,7 @@ def init_key(cfg: TrainConfig, ds) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _cached_init(model: nn.Module, cfg: TrainConfig, ds, norm: Normalizer, device, progress: bool):
+def _cached_init(model: nn.Module, cfg: TrainConfig, ds, norm: Normalizer, device, progress: bool, main: bool = True):
     """Run the init, or load it from ``cfg.init_cache`` when an identical one was done before."""
     from .init import InitReport
 
@@ -316,8 +336,9 @@ def _cached_init(model: nn.Module, cfg: TrainConfig, ds, norm: Normalizer, devic
         model.load_state_dict(blob["model"])
         return InitReport.from_dict(blob["report"])
     report = _init(model, cfg, ds, norm, device, progress)
-    cache.mkdir(parents=True, exist_ok=True)
-    _atomic_save(dict(model=model.state_dict(), report=report.to_dict()), path)
+    if main:
+        cache.mkdir(parents=True, exist_ok=True)
+        _atomic_save(dict(model=model.state_dict(), report=report.to_dict()), path)
     return report
 
 

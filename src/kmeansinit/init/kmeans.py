@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..layers import GatedConv2d
 from ..objectives import cosine_penalty, filter_responses, kmeans_objective, masked_patch_sums, patch_sq_norms, unit_filters
+from ..distributed import all_gather_object, all_reduce_, world
 from ._model import Taps, batchnorm_train_mode, check_images, find_layers, forward_order, preserved_state
 from .report import InitReport, LayerReport
 from .whiten import RawSpace, ZCASpace
@@ -110,12 +111,15 @@ def _calibrate_variance_(taps: Taps, images: Tensor, targets: list[_Target], wei
                          batch_size: int) -> None:
     """Scale each target's filters, in forward order, so its output has unit variance on ``images``."""
     for t in targets:
-        total, sq, count = 0.0, 0.0, 0
+        stats = torch.zeros(3, dtype=torch.float64)
         overrides = {f"{u.name}.weight": weights[u.name] for u in targets}
-        for chunk in images.split(batch_size):
-            x = taps.run(chunk, overrides, stop_at=t.name)[t.name]
+        chunks = list(images.split(batch_size))
+        rank, size = world()
+        for ci in range(rank, len(chunks), size):
+            x = taps.run(chunks[ci], overrides, stop_at=t.name)[t.name]
             y = filter_responses(x, t.module, weights[t.name], normalize=False).double()
-            total, sq, count = total + float(y.sum()), sq + float(y.square().sum()), count + y.numel()
+            stats += torch.tensor([float(y.sum()), float(y.square().sum()), y.numel()], dtype=torch.float64)
+        total, sq, count = all_reduce_(stats).tolist()
         var = sq / count - (total / count) ** 2
         if not var > 0:
             raise ValueError(f"layer {t.name}: output variance {var} on the init images; cannot calibrate scale")
@@ -123,45 +127,62 @@ def _calibrate_variance_(taps: Taps, images: Tensor, targets: list[_Target], wei
 
 
 class _LayerInputs:
-    """One layer's inputs over all init images, in fixed chunks: cached when small, else recomputed."""
+    """One layer's inputs over all init images, in fixed chunks: cached when small, else recomputed.
+
+    Under torch.distributed, rank ``r`` owns chunks ``r, r + W, r + 2W, ...``: each chunk (and so
+    each BN batch) is the one a single process would see, and sums over chunks are all-reduced.
+    """
 
     def __init__(self, taps: Taps, images: Tensor, name: str, batch_size: int, cache_bytes: int):
         self.taps, self.images, self.name = taps, images, name
         self.chunks = list(images.split(batch_size))
+        rank, size = world()
+        self.owned = [i for i in range(len(self.chunks)) if i % size == rank]
         self.cache_bytes = cache_bytes
-        self.cache: list[Tensor] | None = None
-        self.mean: Tensor | None = None
+        self.cache: list[tuple[int, Tensor]] | None = None
 
     def _compute(self, chunk: Tensor) -> Tensor:
         with torch.no_grad():
             return self.taps.run(chunk, stop_at=self.name)[self.name].detach()
 
-    def __iter__(self):
+    def indexed(self):
+        """(global chunk index, layer input) for this rank's chunks."""
         if self.cache is not None:
             yield from self.cache
             return
         kept, size = [], 0
-        for chunk in self.chunks:
-            x = self._compute(chunk)
+        for ci in self.owned:
+            x = self._compute(self.chunks[ci])
             size += x.numel() * x.element_size()
             if kept is not None:
-                kept = kept + [x] if size <= self.cache_bytes else None
-            yield x
+                if size <= self.cache_bytes:
+                    kept.append((ci, x))
+                else:
+                    kept = None
+            yield ci, x
         if kept is not None:
             self.cache = kept
 
+    def __iter__(self):
+        for _, x in self.indexed():
+            yield x
+
     def count_patches(self, m: nn.Module) -> int:
-        return sum(patch_sq_norms(x[:1], m).shape[-1] * x.shape[0] if not isinstance(m, nn.Linear) else x.reshape(-1, x.shape[-1]).shape[0] for x in self)
+        n = 0
+        for x in self:
+            n += x.reshape(-1, x.shape[-1]).shape[0] if isinstance(m, nn.Linear) else patch_sq_norms(x[:1], m).shape[-1] * x.shape[0]
+        return int(all_reduce_(torch.tensor(n, dtype=torch.float64)))
 
 
 def _channel_mean(inputs: _LayerInputs, m: nn.Module) -> Tensor:
-    total, count = None, 0
+    channels = m.weight.shape[1] * (1 if isinstance(m, nn.Linear) else m.groups)
+    total = torch.zeros(channels + 1, dtype=torch.float64, device=m.weight.device)
     for x in inputs:
         dims = list(range(x.dim() - 1)) if isinstance(m, nn.Linear) else [0] + list(range(2, x.dim()))
-        s = x.sum(dim=dims)
-        total = s if total is None else total + s
-        count += x.numel() // s.numel()
-    return total / count
+        total[:-1] += x.double().sum(dim=dims)
+        total[-1] += x.numel() // channels
+    all_reduce_(total)
+    return (total[:-1] / total[-1]).to(m.weight.dtype)
 
 
 def _partners(t: _Target) -> Tensor:
@@ -185,9 +206,9 @@ def _pick_patches(t: _Target, inputs, space, want: Tensor, score_fn) -> Tensor:
     want_conv = want[t.perm].reshape(g, kb)
     need = want_conv.sum(dim=1)
     best = [[] for _ in range(g)]  # per bank: (score, chunk, flat position)
-    for ci, x in enumerate(inputs):
+    for ci, x in inputs.indexed():
         sq = space.sq_norms(x)[:, :, 0, :]  # (N, G, L)
-        score = score_fn(x, sq).masked_fill(sq <= _EPS, math.inf)
+        score = score_fn(ci, x, sq).masked_fill(sq <= _EPS, math.inf)
         for b in range(g):
             k = int(need[b])
             if k == 0:
@@ -195,6 +216,8 @@ def _pick_patches(t: _Target, inputs, space, want: Tensor, score_fn) -> Tensor:
             flat = score[:, b, :].reshape(-1)
             vals, pos = torch.topk(flat, min(k, flat.numel()), largest=False)
             best[b].extend((float(v), ci, int(p)) for v, p in zip(vals, pos) if math.isfinite(float(v)))
+    gathered = all_gather_object(best)
+    best = [sum((r[b] for r in gathered), []) for b in range(g)]
     fills = {}  # chunk -> list of (bank, filter-in-bank, flat position)
     for b in range(g):
         k = int(need[b])
@@ -206,7 +229,7 @@ def _pick_patches(t: _Target, inputs, space, want: Tensor, score_fn) -> Tensor:
             fills.setdefault(ci, []).append((b, slot, p))
     like = m.weight.detach().contiguous()
     out = torch.zeros_like(like)
-    for ci, x in enumerate(inputs):
+    for ci, x in inputs.indexed():
         if ci not in fills:
             continue
         r_shape = space.responses(x[:1], like).shape
@@ -216,7 +239,7 @@ def _pick_patches(t: _Target, inputs, space, want: Tensor, score_fn) -> Tensor:
         for b, slot, p in fills[ci]:
             mask[p // n_pos, b, slot, p % n_pos] = 1.0
         out += space.sums(x, mask, like)
-    return out
+    return all_reduce_(out)
 
 
 def orthogonalize_banks(t: _Target, w: Tensor, partner: Tensor | None = None) -> Tensor:
@@ -240,6 +263,22 @@ def orthogonalize_banks(t: _Target, w: Tensor, partner: Tensor | None = None) ->
     return out.reshape(w.shape)
 
 
+def _random_scores(gen: torch.Generator):
+    """A factory of random patch scores: each product draws one base seed from ``gen``."""
+
+    def make():
+        base = int(torch.randint(2**62, (1,), generator=gen))
+
+        def score(ci, x, sq):
+            # One CPU generator per chunk: the same patches on every device however chunks are shared.
+            g = torch.Generator().manual_seed(base + ci)
+            return torch.rand(sq.shape, generator=g).to(sq.device)
+
+        return score
+
+    return make
+
+
 def _lloyd(t: _Target, inputs, space, iters: int, gen: torch.Generator, pairs: bool = False,
            orthogonal: bool = False) -> tuple[Tensor, int]:
     """Spherical k-means on one layer's input patches (in ``space``); returns centroids and iterations run.
@@ -250,9 +289,9 @@ def _lloyd(t: _Target, inputs, space, iters: int, gen: torch.Generator, pairs: b
     partner = _partners(t) if pairs else None
     dev = t.perm.device
     everything = torch.ones(t.filters, dtype=torch.bool, device=dev)
-    # Drawn on the CPU generator, so a seed picks the same patches on every device.
-    rand = lambda x, sq: torch.rand(sq.shape, generator=gen).to(sq.device)
-    c = unit_filters(_pick_patches(t, inputs, space, everything, rand))
+    rand = _random_scores(gen)
+
+    c = unit_filters(_pick_patches(t, inputs, space, everything, rand()))
     if pairs:
         c = unit_filters(c - c[partner])
     done = 0
@@ -264,6 +303,8 @@ def _lloyd(t: _Target, inputs, space, iters: int, gen: torch.Generator, pairs: b
             mask = torch.zeros_like(r).scatter_(2, r.argmax(dim=2, keepdim=True), 1.0)
             counts += mask.sum(dim=(0, 3)).reshape(-1).double()
             sums += space.sums(x, mask, c)
+        all_reduce_(sums)
+        all_reduce_(counts)
         counts = _to_layer_order(t, counts)
         if pairs:
             sums, counts = sums - sums[partner], counts + counts[partner]
@@ -272,11 +313,11 @@ def _lloyd(t: _Target, inputs, space, iters: int, gen: torch.Generator, pairs: b
         if bool(dead.any()):
             want = dead & (torch.arange(t.filters, device=dev) < partner) if pairs else dead
             if pairs or isinstance(space, ZCASpace):
-                score = rand  # far-from-centroid scores need raw patch norms; random patches do here
+                score = rand()  # far-from-centroid scores need raw patch norms; random patches do here
             else:
                 live_conv = (~dead)[t.perm].reshape(1, t.banks, t.per_bank, 1)
 
-                def score(x, sq, new=new, live_conv=live_conv):
+                def score(ci, x, sq, new=new, live_conv=live_conv):
                     r = space.responses(x, new).masked_fill(~live_conv, -math.inf)
                     return r.amax(dim=2) / sq.clamp_min(_EPS).sqrt()
 
@@ -329,19 +370,21 @@ def _joint_terms(taps: Taps, batch: Tensor, targets: list[_Target], weights: dic
 
 def _evaluate(taps, images, targets, weights, reduction, batch_size, cosine_weight):
     """Per-layer objectives (averaged over chunks of ``batch_size``), penalties, joint value."""
-    totals = [0.0] * len(targets)
     chunks = list(images.split(batch_size))
+    rank, size = world()
+    totals = torch.zeros(len(targets), dtype=torch.float64)
     with torch.no_grad():
-        for chunk in chunks:
-            for i, v in enumerate(_joint_terms(taps, chunk, targets, weights, reduction)):
+        for ci in range(rank, len(chunks), size):
+            for i, v in enumerate(_joint_terms(taps, chunks[ci], targets, weights, reduction)):
                 totals[i] += float(v) / len(chunks)
+        totals = all_reduce_(totals).tolist()
         pens = [float(cosine_penalty(weights[t.name])) for t in targets]
     joint = sum(totals) - cosine_weight * sum(pens)
     return totals, pens, joint
 
 
 def _gradient_phase(taps, images, targets, weights, *, steps, lr, optimizer, momentum, batch_size,
-                    cosine_weight, reduction, renormalize, gen, bar):
+                    cosine_weight, reduction, renormalize, gen, bar, accumulate=1):
     params = {t.name: weights[t.name].detach().clone().requires_grad_(True) for t in targets}
     if optimizer == "sgd":
         opt = torch.optim.SGD(list(params.values()), lr=lr, momentum=momentum)
@@ -350,24 +393,37 @@ def _gradient_phase(taps, images, targets, weights, *, steps, lr, optimizer, mom
     n = images.shape[0]
     bs = min(batch_size, n)
     order, pos = torch.randperm(n, generator=gen), 0
+    rank, size = world()
     for _ in range(steps):
-        if pos + bs > n:
-            order, pos = torch.randperm(n, generator=gen), 0
-        batch = images[order[pos:pos + bs].to(images.device)]
-        pos += bs
+        batches = []
+        for _ in range(accumulate):
+            if pos + bs > n:
+                order, pos = torch.randperm(n, generator=gen), 0
+            batches.append(order[pos:pos + bs])
+            pos += bs
+        for p in params.values():
+            p.grad = torch.zeros_like(p)
         with torch.enable_grad():
-            objs = _joint_terms(taps, batch, targets, params, reduction)
-            loss = -sum(objs)
+            # Micro-batches (each its own BN batch) are shared out over ranks; gradients summed.
+            value = torch.zeros((), dtype=torch.float64)
+            for j in range(rank, accumulate, size):
+                objs = _joint_terms(taps, images[batches[j].to(images.device)], targets, params, reduction)
+                obj = -sum(objs)
+                obj.backward()
+                value += float(obj.detach())
+            for p in params.values():
+                all_reduce_(p.grad)
             if cosine_weight:
-                loss = loss + cosine_weight * sum(cosine_penalty(params[t.name]) for t in targets)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+                pen = cosine_weight * sum(cosine_penalty(params[t.name]) for t in targets)
+                pen.backward()
+                value += float(pen.detach())
+        loss = all_reduce_(value) if size > 1 else value
         opt.step()
         if renormalize:
             with torch.no_grad():
                 for p in params.values():
                     p.copy_(unit_filters(p))
-        if not torch.isfinite(loss):
+        if not math.isfinite(float(loss)):
             raise FloatingPointError(f"joint k-means loss became {float(loss)}; lower lr (now {lr})")
         bar.update(1)
     return {k: v.detach() for k, v in params.items()}
@@ -388,6 +444,7 @@ def kmeans_init_(
     steps: int | None = None,
     refine_steps: int | None = None,
     batch_size: int = 64,
+    accumulate: int | None = None,
     lr: float | None = None,
     momentum: float = 0.9,
     cosine_weight: float = 100.0,
@@ -422,6 +479,9 @@ def kmeans_init_(
         refine_steps: joint Adam steps after the Lloyd phase (default 50; 0 in layerwise mode).
         batch_size: images per gradient step (paper: 64); also the chunk size of every forward pass,
             hence of the BN batch statistics.
+        accumulate: batches of ``batch_size`` per gradient step, their gradients summed (default 1;
+            under torch.distributed, the world size: each rank takes its share of the batches, so a
+            W-rank init equals a one-process init with ``accumulate=W``).
         lr: step size (defaults: Adam 1e-3 for the refinement; SGD 1e-5 for ``reduction="sum"``,
             1e-2 for ``"mean"``, with filters starting at unit norm).
         cosine_weight: lambda of eq. 5 (paper: 100).
@@ -481,11 +541,15 @@ def kmeans_init_(
     if steps < 0 or refine_steps < 0:
         raise ValueError("steps and refine_steps must be >= 0")
     lr = _default_lr(solver, reduction) if lr is None else lr
+    accumulate = world()[1] if accumulate is None else accumulate
+    if accumulate < 1:
+        raise ValueError(f"accumulate must be >= 1, got {accumulate}")
     gen = torch.Generator().manual_seed(seed)
 
     found = find_layers(model, include_linear=include_linear, layers=layers)
     keep = {f"{n}.weight" for n in found} | {f"{n}.bias" for n in found if found[n].bias is not None}
     options = dict(mode=mode, solver=solver, steps=steps, refine_steps=refine_steps, batch_size=batch_size,
+                   accumulate=accumulate,
                    lr=lr, momentum=momentum, cosine_weight=cosine_weight, reduction=reduction, scale=scale,
                    preprocess=preprocess, pairs=pairs, orthogonal=orthogonal, renormalize=renormalize, seed=seed, images=int(images.shape[0]))
 
@@ -531,7 +595,7 @@ def kmeans_init_(
                         weights = _gradient_phase(taps, images, targets, weights, steps=refine_steps, lr=lr,
                                                   optimizer="adam", momentum=momentum, batch_size=batch_size,
                                                   cosine_weight=cosine_weight, reduction=reduction,
-                                                  renormalize=renormalize, gen=gen, bar=bar)
+                                                  renormalize=renormalize, gen=gen, bar=bar, accumulate=accumulate)
                         for rep in reports:
                             rep.steps += refine_steps
                             rep.seconds += (time.perf_counter() - t0) / len(reports)
@@ -542,7 +606,7 @@ def kmeans_init_(
                     weights = {t.name: scale_filters_(weights[t.name].clone(), scale, t.module) for t in targets}
                     weights = _gradient_phase(taps, images, targets, weights, steps=steps, lr=lr, optimizer="sgd",
                                               momentum=momentum, batch_size=batch_size, cosine_weight=cosine_weight,
-                                              reduction=reduction, renormalize=renormalize, gen=gen, bar=bar)
+                                              reduction=reduction, renormalize=renormalize, gen=gen, bar=bar, accumulate=accumulate)
                     for rep in reports:
                         rep.steps, rep.seconds = steps, (time.perf_counter() - t0) / len(reports)
             finally:

@@ -72,13 +72,20 @@ class ZCASpace:
 
     def __init__(self, layer: nn.Module, chunks, eps_norm: float = 1e-2, eps_zca: float = 1e-2):
         self.layer, self.eps_norm = layer, eps_norm
-        total, outer, count, dim = None, None, 0, None
+        from ..distributed import all_reduce_
+
+        w = layer.weight
+        dim = w[0].numel()
+        total = torch.zeros(dim, dtype=torch.float64, device=w.device)
+        outer = torch.zeros(dim, dim, dtype=torch.float64, device=w.device)
+        count = torch.zeros((), dtype=torch.float64, device=w.device)
         for x in chunks:
             p = self._normalize(unfold_patches(x, layer).double())
-            dim = p.shape[1]
-            total = p.sum(0) if total is None else total + p.sum(0)
-            outer = p.t() @ p if outer is None else outer + p.t() @ p
+            total += p.sum(0)
+            outer += p.t() @ p
             count += p.shape[0]
+        for t in (total, outer, count):
+            all_reduce_(t)
         self.m = total / count
         cov = outer / count - torch.outer(self.m, self.m)
         evals, evecs = torch.linalg.eigh(cov)
@@ -86,7 +93,6 @@ class ZCASpace:
         eps = eps_zca * float(evals.clamp_min(0).mean())
         self.W = (evecs * (evals.clamp_min(0) + eps).rsqrt()) @ evecs.t()
         self.dim = dim
-        self.dtype = x.dtype
 
     def _normalize(self, p: Tensor) -> Tensor:
         p = p - p.mean(dim=1, keepdim=True)
