@@ -384,7 +384,7 @@ def _evaluate(taps, images, targets, weights, reduction, batch_size, cosine_weig
 
 
 def _gradient_phase(taps, images, targets, weights, *, steps, lr, optimizer, momentum, batch_size,
-                    cosine_weight, reduction, renormalize, gen, bar, accumulate=1):
+                    cosine_weight, reduction, renormalize, gen, bar, accumulate=1, history=None, decay=False):
     params = {t.name: weights[t.name].detach().clone().requires_grad_(True) for t in targets}
     if optimizer == "sgd":
         opt = torch.optim.SGD(list(params.values()), lr=lr, momentum=momentum)
@@ -394,7 +394,7 @@ def _gradient_phase(taps, images, targets, weights, *, steps, lr, optimizer, mom
     bs = min(batch_size, n)
     order, pos = torch.randperm(n, generator=gen), 0
     rank, size = world()
-    for _ in range(steps):
+    for step in range(steps):
         batches = []
         for _ in range(accumulate):
             if pos + bs > n:
@@ -418,6 +418,11 @@ def _gradient_phase(taps, images, targets, weights, *, steps, lr, optimizer, mom
                 pen.backward()
                 value += float(pen.detach())
         loss = all_reduce_(value) if size > 1 else value
+        if history is not None and (step % max(1, steps // 50) == 0 or step == steps - 1):
+            history.append([step, -float(loss)])
+        if decay:  # linear decay to 0: Adam settles instead of hovering at its step size
+            for group in opt.param_groups:
+                group["lr"] = lr * (1 - step / steps)
         opt.step()
         if renormalize:
             with torch.no_grad():
@@ -431,7 +436,7 @@ def _gradient_phase(taps, images, targets, weights, *, steps, lr, optimizer, mom
 
 def _default_lr(solver: str, reduction: str) -> float:
     if solver == "lloyd":
-        return 1e-3  # Adam refinement: a step of 1e-3 per element on unit filters
+        return 1e-2  # Adam refinement; see benchmarks/solver_sweep.py and RESULTS.md
     return 1e-5 if reduction == "sum" else 1e-2
 
 
@@ -476,13 +481,15 @@ def kmeans_init_(
         solver: ``"lloyd"`` (default: per-layer Lloyd steps, then ``refine_steps`` Adam steps on the
             joint loss) or ``"gradient"`` (the paper: ``steps`` momentum-SGD steps on the joint loss).
         steps: Lloyd iterations per layer (default 10) or gradient steps (default 10,000, the paper).
-        refine_steps: joint Adam steps after the Lloyd phase (default 50; 0 in layerwise mode).
+        refine_steps: joint Adam steps after the Lloyd phase (default 100; 0 in layerwise mode). With
+            the default lr this beats the paper's 10,000-step recipe on the joint objective for
+            PaperNet and its gated form (benchmarks/solver_sweep.py).
         batch_size: images per gradient step (paper: 64); also the chunk size of every forward pass,
             hence of the BN batch statistics.
         accumulate: batches of ``batch_size`` per gradient step, their gradients summed (default 1;
             under torch.distributed, the world size: each rank takes its share of the batches, so a
             W-rank init equals a one-process init with ``accumulate=W``).
-        lr: step size (defaults: Adam 1e-3 for the refinement; SGD 1e-5 for ``reduction="sum"``,
+        lr: step size (defaults: Adam 1e-2 for the refinement; SGD 1e-5 for ``reduction="sum"``,
             1e-2 for ``"mean"``, with filters starting at unit norm).
         cosine_weight: lambda of eq. 5 (paper: 100).
         scale: final filter norm: ``"he"`` (default; sqrt(2), the expected He-normal norm, so training
@@ -535,7 +542,7 @@ def kmeans_init_(
     if steps is None:
         steps = 10 if solver == "lloyd" else 10_000
     if refine_steps is None:
-        refine_steps = 50 if (mode == "joint" and solver == "lloyd") else 0
+        refine_steps = 100 if (mode == "joint" and solver == "lloyd") else 0
     if mode == "layerwise":
         refine_steps, cosine_weight = 0, 0.0
     if steps < 0 or refine_steps < 0:
@@ -564,6 +571,7 @@ def kmeans_init_(
             weights = {t.name: t.module.weight.detach().clone() for t in targets}
             before, _, joint_before = _evaluate(taps, images, targets, weights, reduction, batch_size, cosine_weight)
             reports = [LayerReport(t.name, t.filters, objective_before=b) for t, b in zip(targets, before)]
+            history: list = []
             total = (steps * len(targets) if solver == "lloyd" else steps) + refine_steps
             bar = _progress(total, progress, f"k-means init ({mode}, {solver})")
             try:
@@ -593,9 +601,10 @@ def kmeans_init_(
                     if refine_steps:
                         t0 = time.perf_counter()
                         weights = _gradient_phase(taps, images, targets, weights, steps=refine_steps, lr=lr,
-                                                  optimizer="adam", momentum=momentum, batch_size=batch_size,
+                                                  optimizer="adam", momentum=momentum, batch_size=batch_size, decay=True,
                                                   cosine_weight=cosine_weight, reduction=reduction,
-                                                  renormalize=renormalize, gen=gen, bar=bar, accumulate=accumulate)
+                                                  renormalize=renormalize, gen=gen, bar=bar, accumulate=accumulate,
+                                                  history=history)
                         for rep in reports:
                             rep.steps += refine_steps
                             rep.seconds += (time.perf_counter() - t0) / len(reports)
@@ -606,7 +615,8 @@ def kmeans_init_(
                     weights = {t.name: scale_filters_(weights[t.name].clone(), scale, t.module) for t in targets}
                     weights = _gradient_phase(taps, images, targets, weights, steps=steps, lr=lr, optimizer="sgd",
                                               momentum=momentum, batch_size=batch_size, cosine_weight=cosine_weight,
-                                              reduction=reduction, renormalize=renormalize, gen=gen, bar=bar, accumulate=accumulate)
+                                              reduction=reduction, renormalize=renormalize, gen=gen, bar=bar, accumulate=accumulate,
+                                                  history=history)
                     for rep in reports:
                         rep.steps, rep.seconds = steps, (time.perf_counter() - t0) / len(reports)
             finally:
@@ -629,7 +639,8 @@ def kmeans_init_(
             if t.module.bias is not None:
                 t.module.bias.zero_()
     return InitReport(method=f"kmeans-{mode}", layers=reports, options=options,
-                      seconds=time.perf_counter() - start, joint_before=joint_before, joint_after=joint_after)
+                      seconds=time.perf_counter() - start, joint_before=joint_before, joint_after=joint_after,
+                      history=history)
 
 
 def _check_patches(taps: Taps, images: Tensor, batch_size: int, t: _Target) -> None:

@@ -32,6 +32,7 @@ class InitReport:
     seconds: float = 0.0
     joint_before: float = math.nan
     joint_after: float = math.nan
+    history: list = field(default_factory=list)  # [gradient step, joint objective on that step's batch]
 
     def __getitem__(self, name: str) -> LayerReport:
         for layer in self.layers:
