@@ -1,0 +1,74 @@
+"""Joint k-means init at scale: time against the number of images (linear?), peak RSS of the whole
+process, and the whole CIFAR-10 training set (target: under 5 minutes, memory not growing with the
+image count beyond the images themselves). Each size runs in a fresh subprocess so its peak RSS is
+its own.
+
+    python benchmarks/init_scale.py [--sizes 256,1024,4096] [--full] [--data ../shared/data]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from _common import HERE, append_results
+
+
+def child(n: int, data: str, method: str):
+    sys.path.insert(0, str(HERE.parent / "src"))
+    from kmeansinit import PaperNet, initialize_
+    from kmeansinit.data import Normalizer, load_cifar
+
+    try:
+        ds = load_cifar(data)
+        x = ds.train_x[:n]
+        images = Normalizer.fit(ds.train_x)(x)
+        del ds, x
+        source = "CIFAR-10 train"
+    except Exception:
+        images = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        source = "uniform noise"
+    torch.manual_seed(0)
+    model = PaperNet()
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.perf_counter()
+    rep = initialize_(model, method, images, progress=False)
+    secs = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps(dict(n=n, seconds=secs, peak_mib=peak / 1024, before_mib=base / 1024,
+                          images_mib=images.numel() * 4 / 2**20, source=source, joint=rep.joint_after)))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--sizes", default="256,1024,4096")
+    p.add_argument("--full", action="store_true", help="also the whole 50,000-image training set")
+    p.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data"))
+    p.add_argument("--method", default="kmeans")
+    p.add_argument("--child", type=int, default=None)
+    a = p.parse_args()
+    if a.child is not None:
+        return child(a.child, a.data, a.method)
+    sizes = [int(s) for s in a.sizes.split(",")] + ([50_000] if a.full else [])
+    rows = []
+    for n in sizes:
+        out = subprocess.run([sys.executable, __file__, "--child", str(n), "--data", a.data, "--method", a.method],
+                             capture_output=True, text=True, check=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(rows[-1], flush=True)
+    lines = [f"init `{a.method}` of PaperNet on {rows[0]['source']}; peak RSS is the whole process (Python, torch, data)", "",
+             "| images | seconds | ms per image | peak RSS MiB | of which images MiB | RSS before init MiB |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['n']} | {r['seconds']:.1f} | {1e3 * r['seconds'] / r['n']:.2f} | {r['peak_mib']:.0f} | "
+                     f"{r['images_mib']:.0f} | {r['before_mib']:.0f} |")
+    append_results(f"Init at scale ({a.method})", torch.device("cpu"), lines)
+
+
+if __name__ == "__main__":
+    main()
