@@ -166,8 +166,8 @@ def test_empty_clusters_reseeded_from_nonzero_patches():
 
 
 def test_report_fields_and_roundtrip(tmp_path):
-    rep = initialize_(small_net(), "kmeans", images(16, size=8), steps=1, refine_steps=1, progress=False)
-    assert isinstance(rep, InitReport) and rep.method == "kmeans" and len(rep.layers) == 8
+    rep = initialize_(small_net(), "kmeans-joint", images(16, size=8), steps=1, refine_steps=1, progress=False)
+    assert isinstance(rep, InitReport) and rep.method == "kmeans-joint" and len(rep.layers) == 8
     for r in rep.layers:
         assert math.isfinite(r.objective_before) and math.isfinite(r.objective_after)
         assert math.isfinite(r.cosine_after) and r.seconds >= 0 and r.steps == 2
