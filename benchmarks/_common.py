@@ -14,6 +14,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 
+def pick_device(name: str) -> torch.device:
+    """``auto``: CUDA when present, else CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def machine(device: torch.device) -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -44,6 +51,22 @@ def timed(fn, repeats: int, device: torch.device, warmup: int = 2) -> float:
         times.append(time.perf_counter() - t)
     times.sort()
     return times[len(times) // 2]
+
+
+def timed_pair(f, g, repeats: int, device: torch.device, warmup: int = 2) -> tuple[float, float]:
+    """Median seconds of ``f()`` and ``g()``, measured alternately so that drift hits both alike."""
+    tf, tg = [], []
+    for i in range(warmup + repeats):
+        for fn, out in ((f, tf), (g, tg)):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= warmup:
+                out.append(time.perf_counter() - t)
+    return sorted(tf)[len(tf) // 2], sorted(tg)[len(tg) // 2]
 
 
 def append_results(title: str, device: torch.device, lines: list[str], results: Path | None = None) -> Path:

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from _common import append_results
+from _common import append_results, pick_device
 
 from kmeansinit import PaperNet, initialize_, joint_objective
 
@@ -25,7 +25,7 @@ def main():
     p.add_argument("--paper-steps", type=int, default=200)
     p.add_argument("--images", type=int, default=256)
     a = p.parse_args()
-    dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device))
+    dev = pick_device(a.device)
     g = torch.Generator().manual_seed(0)
     images = (torch.rand(a.images, 3, 32, 32, generator=g) * 2 - 1).to(dev)
     lines = ["| model | solver | steps | seconds | seconds for 10,000 paper steps | joint objective |", "|---|---|---|---|---|---|"]

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from _common import append_results
+from _common import append_results, pick_device
 
 from kmeansinit import PaperNet, joint_objective, kmeans_init_
 
@@ -26,7 +26,7 @@ def main():
     p.add_argument("--refine", default="0,50,100,200,400")
     p.add_argument("--lrs", default="0.001,0.003,0.01")
     a = p.parse_args()
-    dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device))
+    dev = pick_device(a.device)
     g = torch.Generator().manual_seed(0)
     images = (torch.rand(256, 3, 32, 32, generator=g) * 2 - 1).to(dev)
     torch.manual_seed(0)

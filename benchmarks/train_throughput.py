@@ -10,7 +10,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from _common import append_results, timed
+from _common import append_results, pick_device, timed_pair
 
 from kmeansinit import PaperNet
 from kmeansinit.data import BatchLoader, Normalizer
@@ -22,7 +22,7 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=128)
     a = p.parse_args()
-    dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device))
+    dev = pick_device(a.device)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (10_000, 3, 32, 32), dtype=torch.uint8, generator=g)
     y = torch.randint(0, 10, (10_000,), generator=g)
@@ -52,8 +52,7 @@ def main():
                 state["step"] += 1
                 step(*loader.batch(state["step"]))
 
-            t_mem = timed(lambda: step(fixed_x, fixed_y), a.steps, dev)
-            t_data = timed(with_loader, a.steps, dev)
+            t_mem, t_data = timed_pair(lambda: step(fixed_x, fixed_y), with_loader, a.steps, dev)
             name = "gated" if gated else "vanilla"
             out[(name, prec)] = a.batch_size / t_data
             lines.append(f"| {name} | {prec} | {a.batch_size / t_mem:.0f} | {a.batch_size / t_data:.0f} | {t_mem / t_data:.3f} |")

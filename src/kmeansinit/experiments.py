@@ -50,9 +50,6 @@ STUDY_VARIANTS = {
     "he": dict(init="he"),
     "xavier": dict(init="xavier"),
     "whitening": dict(init="whitening"),
-    # Our fast joint solver on the paper's objective (lambda = 100), He-norm filters.
-    "kmeans-joint": dict(init="kmeans-paper", init_options=dict(solver="lloyd", steps=10, refine_steps=100, lr=0.01,
-                                                                 scale="he")),
     # Layer-wise spherical k-means on contrast-normalized, ZCA-whitened patches, +/- pairs, Xavier norm.
     "kmeans-zca-pairs-xavier": dict(init="kmeans-layerwise", init_options=dict(preprocess="zca", pairs=True,
                                                                                scale="xavier")),

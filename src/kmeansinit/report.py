@@ -178,10 +178,69 @@ def report_markdown(root: Path, runs: list[Run], summary: dict[str, dict], title
             r = s["reach"][t]
             cells.append(f"{r['steps']:.0f} ({r['wall']:.0f}s)" if r["steps"] is not None else "–")
         lines.append(f"| {g} | " + " | ".join(cells) + " |")
-    lines += ["", "![curves](curves.png)", ""]
+    lines += [""] + versus_he(runs)
+    lines += ["![curves](curves.png)", ""]
     if (root / "filters.png").exists():
         lines += ["![first-layer filters](filters.png)", ""]
     return "\n".join(lines) + "\n"
+
+
+def _mean_evals(rs: list[Run]) -> dict[int, float]:
+    steps, accs = _mean_curve(rs, "test_acc")
+    return dict(zip(steps, accs))
+
+
+def _crossing(curve: dict[int, float], level: float) -> float | None:
+    """First step at which the piecewise-linear curve (from step 0 at chance, 0.1) reaches ``level``."""
+    prev_s, prev_v = 0, 0.1
+    for s in sorted(curve):
+        v = curve[s]
+        if v >= level:
+            if v == prev_v:
+                return float(s)
+            return prev_s + (level - prev_v) / (v - prev_v) * (s - prev_s)
+        prev_s, prev_v = s, v
+    return None
+
+
+def versus_he(runs: list[Run]) -> list[str]:
+    """Each group against He with the same optimizer, at every evaluation both have (mean over seeds),
+    and the iterations each needs to reach He's accuracy after one epoch of SGD."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        if r.evals:
+            groups.setdefault(r.group, []).append(r)
+    he = {rs[0].config.get("optimizer", "sgd"): rs for g, rs in groups.items() if _init_of(g) == "he"}
+    if not he:
+        return []
+    ref_sgd = he.get("sgd")
+    target = None
+    if ref_sgd:
+        per_epoch = round(ref_sgd[0].rows[-1]["step"] / ref_sgd[0].rows[-1]["epoch"])
+        curve = _mean_evals(ref_sgd)
+        at = [s for s in curve if s <= per_epoch]
+        target = (curve[max(at)], max(at)) if at else None
+    lines = ["## Against He (mean over seeds)", ""]
+    if target:
+        lines += [f"He reaches {100 * target[0]:.1f}% test accuracy after one epoch of SGD (step {target[1]}). "
+                  "'steps to He@1ep' is where a cell's mean accuracy curve first reaches that, interpolated "
+                  "linearly between the two evaluations around the crossing; 'ratio' divides by He's step.", ""]
+    lines += ["| cell | evaluations | never below He | worst gap (points) | steps to He@1ep | ratio |", "|---|---|---|---|---|---|"]
+    for g, rs in sorted(groups.items()):
+        opt = rs[0].config.get("optimizer", "sgd")
+        if opt not in he or _init_of(g) == "he":
+            continue
+        mine, ref = _mean_evals(rs), _mean_evals(he[opt])
+        common = sorted(set(mine) & set(ref))
+        gaps = [100 * (mine[s] - ref[s]) for s in common]
+        reach, ratio = "–", "–"
+        if target and opt == "sgd":
+            hit = _crossing(mine, target[0])
+            if hit is not None:
+                reach, ratio = f"{hit:.0f}", f"{hit / target[1]:.2f}"
+        never = "yes" if gaps and min(gaps) >= 0 else "no"
+        lines.append(f"| {g} | {len(common)} | {never} | {min(gaps):+.1f} | {reach} | {ratio} |" if gaps else f"| {g} | 0 | – | – | – | – |")
+    return lines + [""]
 
 
 def _pyplot():
@@ -234,7 +293,14 @@ def _init_of(group: str) -> str:
 
 
 def _mean_curve(rs: list[Run], key: str, all_rows: bool = False):
-    per = [{r["step"]: r[key] for r in (run.rows if all_rows else run.evals) if key in r} for run in rs]
+    def rows(run):
+        if not all_rows:
+            return run.evals
+        # Rows written at an evaluation between two log points average only a few steps: skip them.
+        every = run.config.get("log_every", 1)
+        return [r for r in run.rows if r["step"] % every == 0]
+
+    per = [{r["step"]: r[key] for r in rows(run) if key in r} for run in rs]
     common = sorted(set.intersection(*(set(p) for p in per))) if per else []
     return common, [statistics.fmean(p[s] for p in per) for s in common]
 
