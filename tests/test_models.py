@@ -31,7 +31,8 @@ def test_table1_shapes():
     assert all(isinstance(c, GatedConv2d) for c in convs)
     assert [(c.out_channels, c.kernel_size[0], c.stride[0]) for c in convs] == CONV_SPEC
     sizes = []
-    hooks = [c.register_forward_hook(lambda m, a, o: sizes.append(o.shape[-1])) for c in convs]
+    for c in convs:
+        c.register_forward_hook(lambda m, a, o: sizes.append(o.shape[-1]))
     out = model(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 10)
     assert sizes == [32, 16, 16, 8, 8, 8, 8, 8]

@@ -17,7 +17,6 @@ def patches_and_filters(x, layer):
     conv1d = isinstance(layer, nn.Conv1d)
     if conv1d:
         x, k = x.unsqueeze(2), (1, layer.kernel_size[0])
-        pad_lr = layer._reversed_padding_repeated_twice
         st, dil = (1, layer.stride[0]), (1, layer.dilation[0])
     else:
         k, st, dil = layer.kernel_size, layer.stride, layer.dilation

@@ -11,7 +11,6 @@ the training set. Every channel then has training mean 0 and lies in [-1, 1] on 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import pickle
 import tarfile

@@ -106,7 +106,7 @@ def _table3(out: Path, base: dict, seeds: int, init: str | None) -> list[Cell]:
         if dataset == "cifar100" and not _has_cifar100(base["data"]):
             continue  # documented: CIFAR-100 rows appear where its copy is present
         matched = matching_width(PaperNet(num_classes=classes, gated=True), num_classes=classes)
-        rows = {"gated": dict(gated=True), "vanilla-x3": dict(width=3.0), f"vanilla-matched": dict(width=matched)}
+        rows = {"gated": dict(gated=True), "vanilla-x3": dict(width=3.0), "vanilla-matched": dict(width=matched)}
         for s in range(seeds):
             for row, kw in rows.items():
                 cells.append(_cell(out, f"{dataset}-{row}/s{s}", base, dataset=dataset, seed=s,

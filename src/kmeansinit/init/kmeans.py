@@ -26,7 +26,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..layers import GatedConv2d
-from ..objectives import cosine_penalty, filter_responses, kmeans_objective, masked_patch_sums, patch_sq_norms, unit_filters
+from ..objectives import cosine_penalty, filter_responses, patch_sq_norms, unit_filters
 from ..distributed import all_gather_object, all_reduce_, world
 from ._model import Taps, batchnorm_train_mode, check_images, find_layers, forward_order, preserved_state
 from .report import InitReport, LayerReport

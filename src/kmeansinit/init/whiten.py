@@ -14,8 +14,6 @@ covariance (one chunked unfold) stays in convolution form.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
