@@ -167,11 +167,31 @@ class _LayerInputs:
         for _, x in self.indexed():
             yield x
 
+    def _first(self) -> Tensor:
+        if self.cache:
+            return self.cache[0][1]
+        return self._compute(self.chunks[0][:2])
+
     def count_patches(self, m: nn.Module) -> int:
-        n = 0
-        for x in self:
-            n += x.reshape(-1, x.shape[-1]).shape[0] if isinstance(m, nn.Linear) else patch_sq_norms(x[:1], m).shape[-1] * x.shape[0]
-        return int(all_reduce_(torch.tensor(n, dtype=torch.float64)))
+        """Patches per bank over all images, from the first chunk's geometry (no pass over the data)."""
+        x = self._first()
+        per_image = x[0].reshape(-1, x.shape[-1]).shape[0] if isinstance(m, nn.Linear) else patch_sq_norms(x[:1], m).shape[-1]
+        return per_image * self.images.shape[0]
+
+    @property
+    def streaming(self) -> bool:
+        """True when the inputs of all chunks would not fit ``cache_bytes``: every pass recomputes them."""
+        x = self._first()
+        return x[0].numel() * x.element_size() * self.images.shape[0] > self.cache_bytes
+
+    def head(self, images: int) -> "_LayerInputs":
+        """The same layer's inputs over the first chunks holding about ``images`` images."""
+        sub = _LayerInputs.__new__(_LayerInputs)
+        sub.__dict__.update(self.__dict__)
+        per = self.chunks[0].shape[0]
+        sub.owned = [i for i in self.owned if i < max(1, -(-images // per))]
+        sub.cache = None
+        return sub
 
 
 def _channel_mean(inputs: _LayerInputs, m: nn.Module) -> Tensor:
@@ -280,29 +300,38 @@ def _random_scores(gen: torch.Generator):
 
 
 def _lloyd(t: _Target, inputs, space, iters: int, gen: torch.Generator, pairs: bool = False,
-           orthogonal: bool = False) -> tuple[Tensor, int]:
+           orthogonal: bool = False, online: bool = False, seeds=None) -> tuple[Tensor, int]:
     """Spherical k-means on one layer's input patches (in ``space``); returns centroids and iterations run.
 
     With ``pairs`` each filter's partner is its negative: clustering by ``|<x, c>|``, so that a ReLU
-    after the layer passes both signs of every direction.
+    after the layer passes both signs of every direction. With ``online`` (for inputs streamed from
+    many images) the centroids move after every chunk, to the running sums of their patches over the
+    pass (mini-batch k-means with per-cluster step 1/count), so one pass does the work of many
+    batch iterations; ``seeds`` (a smaller set of inputs) then supplies the first and re-seeded centroids.
     """
+    seeds = inputs if seeds is None else seeds
     partner = _partners(t) if pairs else None
     dev = t.perm.device
     everything = torch.ones(t.filters, dtype=torch.bool, device=dev)
     rand = _random_scores(gen)
 
-    c = unit_filters(_pick_patches(t, inputs, space, everything, rand()))
+    c = unit_filters(_pick_patches(t, seeds, space, everything, rand()))
     if pairs:
         c = unit_filters(c - c[partner])
     done = 0
     for _ in range(iters):
         sums = torch.zeros_like(c)
         counts = torch.zeros(t.filters, dtype=torch.float64, device=dev)
+        start = c
         for x in inputs:
             r = space.responses(x, c)
             mask = torch.zeros_like(r).scatter_(2, r.argmax(dim=2, keepdim=True), 1.0)
             counts += mask.sum(dim=(0, 3)).reshape(-1).double()
             sums += space.sums(x, mask, c)
+            if online:
+                run = sums - sums[partner] if pairs else sums
+                c = torch.where(_expand(run.flatten(1).norm(dim=1) > _EPS, c), unit_filters(run), c)
+        c = start
         all_reduce_(sums)
         all_reduce_(counts)
         counts = _to_layer_order(t, counts)
@@ -321,7 +350,7 @@ def _lloyd(t: _Target, inputs, space, iters: int, gen: torch.Generator, pairs: b
                     r = space.responses(x, new).masked_fill(~live_conv, -math.inf)
                     return r.amax(dim=2) / sq.clamp_min(_EPS).sqrt()
 
-            seeded = unit_filters(_pick_patches(t, inputs, space, want, score))
+            seeded = unit_filters(_pick_patches(t, seeds, space, want, score))
             if pairs:
                 seeded[partner[want]] = -seeded[want]
                 want = want | want[partner]
@@ -462,6 +491,8 @@ def kmeans_init_(
     include_linear: bool = False,
     renormalize: bool = False,
     cache_bytes: int = 512 * 2**20,
+    stream_passes: int = 1,
+    stat_images: int = 4096,
     seed: int = 0,
     progress: bool = True,
 ) -> InitReport:
@@ -510,6 +541,9 @@ def kmeans_init_(
         renormalize: project filters back to unit norm after every gradient step (the authors' code).
         cache_bytes: layer inputs up to this size are kept in memory between Lloyd steps; larger ones
             are recomputed chunk by chunk, so memory does not grow with the number of images.
+        stream_passes: for such streamed layers (one process), online Lloyd passes over all images
+            in place of ``steps`` batch iterations; seeds, ZCA and centring statistics and the
+            report's objectives then come from the first ``stat_images`` images.
         seed: seeds every random choice; same seed and images give the same weights.
         progress: show a progress bar.
 
@@ -569,7 +603,10 @@ def kmeans_init_(
         targets = [_target(n, found[n]) for n in order]
         with Taps(model, {t.name: t.module for t in targets}, outputs=True) as taps:
             weights = {t.name: t.module.weight.detach().clone() for t in targets}
-            before, _, joint_before = _evaluate(taps, images, targets, weights, reduction, batch_size, cosine_weight)
+            # Report objectives on at most `stat_images` images: on a whole training set they would
+            # cost more than the init.
+            report_images = images[:stat_images]
+            before, _, joint_before = _evaluate(taps, report_images, targets, weights, reduction, batch_size, cosine_weight)
             reports = [LayerReport(t.name, t.filters, objective_before=b) for t, b in zip(targets, before)]
             history: list = []
             total = (steps * len(targets) if solver == "lloyd" else steps) + refine_steps
@@ -585,11 +622,16 @@ def kmeans_init_(
                                 f"layer {t.name}: {patches} input patches for {t.per_bank} filters per bank; "
                                 "give more images"
                             )
+                        # Too many images to keep this layer's inputs: statistics and seeds from the
+                        # first `stat_images`, then `stream_passes` online passes over all of them.
+                        online = inputs.streaming and world()[1] == 1
+                        stats = inputs.head(stat_images) if online else inputs
                         if preprocess == "zca":
-                            space = ZCASpace(t.module, inputs)
+                            space = ZCASpace(t.module, stats)
                         else:
-                            space = RawSpace(t.module, _channel_mean(inputs, t.module) if preprocess == "center" else None)
-                        w, done = _lloyd(t, inputs, space, steps, gen, pairs=pairs, orthogonal=orthogonal)
+                            space = RawSpace(t.module, _channel_mean(stats, t.module) if preprocess == "center" else None)
+                        w, done = _lloyd(t, inputs, space, stream_passes if online else steps, gen, pairs=pairs,
+                                         orthogonal=orthogonal, online=online, seeds=stats)
                         bar.update(steps)
                         # Later layers cluster the inputs they will really see: this layer's filters at
                         # their final scale (it matters where no BN follows, e.g. before a gate).
@@ -628,8 +670,8 @@ def kmeans_init_(
                     raise FloatingPointError(f"layer {t.name}: k-means produced a zero or non-finite filter")
                 final[t.name] = scale_filters_(w.clone(), scale, t.module)
             if scale == "variance":
-                _calibrate_variance_(taps, images, targets, final, batch_size)
-            after, pens, joint_after = _evaluate(taps, images, targets, final, reduction, batch_size, cosine_weight)
+                _calibrate_variance_(taps, report_images, targets, final, batch_size)
+            after, pens, joint_after = _evaluate(taps, report_images, targets, final, reduction, batch_size, cosine_weight)
             for t, rep, a, p in zip(targets, reports, after, pens):
                 rep.objective_after, rep.cosine_after = a, p
     # Written after preserved_state restored everything else, so only these tensors change.
