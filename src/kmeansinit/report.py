@@ -107,7 +107,9 @@ def summarize(runs: list[Run]) -> dict[str, dict]:
             groups.setdefault(r.group, []).append(r)
     out = {}
     for g, rs in sorted(groups.items()):
-        last = [r.evals[-1] for r in rs]
+        # Final numbers come from finished runs only; a running one still counts in the curves.
+        done = [r for r in rs if r.finished] or rs
+        last = [r.evals[-1] for r in done]
         acc, acc_sd = _mean_sd([x["test_acc"] for x in last])
         loss, loss_sd = _mean_sd([x["test_loss"] for x in last])
         per_epoch = None
@@ -149,8 +151,8 @@ def report_markdown(root: Path, runs: list[Run], summary: dict[str, dict], title
     sched = (f"{cfg.get('resolved_iterations')} iterations, batch {cfg.get('batch_size')}, lr {cfg.get('lr')} "
              f"halved after {cfg.get('halve_at', 2 / 3):.3g} of the run, weight decay {cfg.get('weight_decay')}")
     lines = [f"# {title or 'Results: ' + root.name}", "",
-             f"Schedule: {sched}. Test accuracy in %, mean ± sd over seeds (n = seeds). "
-             "'Paper' quotes the paper only where we have its number.", ""]
+             f"Schedule: {sched}. Test accuracy in %, mean ± sd over seeds (n = seeds; final numbers over "
+             "finished runs only). 'Paper' quotes the paper (75,000 iterations) only where we have its number.", ""]
     has_epochs = any(s["epochs"] for s in summary.values())
     head = "| cell | n | final test acc | final test loss |"
     sep = "|---|---|---|---|"
@@ -161,11 +163,11 @@ def report_markdown(root: Path, runs: list[Run], summary: dict[str, dict], title
     sep += "---|---|"
     lines += [head, sep]
     for g, s in summary.items():
-        done = "" if s["finished"] == s["n"] else f" ({s['finished']} done)"
+        done = "" if s["finished"] == s["n"] else f" ({s['n'] - s['finished']} running)"
         row = f"| {g} | {s['n']}{done} | {_fmt(s['acc'], s['acc_sd'])} | {_fmt(s['loss'], s['loss_sd'], pct=False)} |"
         if has_epochs:
             row += "".join(f" {_fmt(*s['epochs'][e]) if e in s['epochs'] else '–'} |" for e in (1, 3))
-        paper = PAPER.get(g.replace("/", "-"))
+        paper = PAPER.get(g)
         row += f" {_fmt(paper) if paper else ''} | {s['init_seconds']:.1f} |"
         lines.append(row)
     lines += ["", "## Expedited training: iterations (and seconds) to first reach a test accuracy", "",
