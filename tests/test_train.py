@@ -107,3 +107,10 @@ def test_cli_one_line_errors(tmp_path, capsys):
         main(["train", "--init", "kaiming"])
     assert main(["train", "--data", str(tmp_path), "--lr", "-1", "--quiet"]) == 2
     assert "lr must be > 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compile_option_trains(fake_cifar10, tmp_path):
+    # torch.compile takes about a minute here: marked slow, out of CI.
+    last = train(tiny(fake_cifar10, tmp_path / "r", iterations=4, eval_every=4, compile=True), progress=False)
+    assert math.isfinite(last["train_loss"]) and (tmp_path / "r" / "final.pt").exists()

@@ -54,6 +54,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision)
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--sync-bn", action="store_true", help="under torchrun: BN statistics over the global batch")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (for long runs, mostly on GPU)")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: all cores)")
     p.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     p.add_argument("--out", default=d.out, help="run folder")

@@ -68,6 +68,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     channels_last: bool = True
     sync_bn: bool = False  # under torchrun: BN over the global batch (else per rank's shard)
+    compile: bool = False  # torch.compile the training model (pays off on long GPU runs)
     threads: int = 0  # 0 = all cores
     device: str = "auto"
     out: str = "runs/run"
@@ -246,6 +247,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
         if cfg.sync_bn:
             model = raw = convert_sync_batchnorm(model)
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
     shard = slice(info.rank * cfg.batch_size // info.world_size, (info.rank + 1) * cfg.batch_size // info.world_size)
     log.bar and log.bar.update(start_step - log.bar.n)
     model.train()

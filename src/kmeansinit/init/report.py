@@ -57,7 +57,10 @@ class InitReport:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def __str__(self) -> str:
-        lines = [f"init {self.method}: {self.seconds:.2f}s, joint objective {self.joint_before:.4g} -> {self.joint_after:.4g}"]
+        head = f"init {self.method}: {self.seconds:.2f}s"
+        if not math.isnan(self.joint_after):
+            head += f", joint objective {self.joint_before:.4g} -> {self.joint_after:.4g}"
+        lines = [head]
         lines.append(f"{'layer':<24}{'filters':>8}{'obj before':>12}{'obj after':>12}{'cos pen':>10}{'steps':>7}{'sec':>8}")
         for r in self.layers:
             lines.append(
