@@ -31,9 +31,9 @@ def torchrun(data, out, extra=(), env=None, wait=True):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-def single(data, out, iterations=12):
+def single(data, out, iterations=12, init="kmeans"):
     cfg = TrainConfig(data=str(data), out=str(out), width=0.25, batch_size=8, iterations=iterations, checkpoint_every=2,
-                      eval_every=6, log_every=2, init="kmeans", init_options=dict(steps=2, refine_steps=3, accumulate=2,
+                      eval_every=6, log_every=2, init=init, init_options=dict(steps=2, refine_steps=3, accumulate=2,
                       batch_size=8), init_images=32, threads=1)
     train(cfg, progress=False)
 
@@ -42,11 +42,12 @@ def states(out, name):
     return torch.load(out / name)
 
 
-def test_two_processes_match_one(fake_cifar10, tmp_path):
+@pytest.mark.parametrize("init", ["kmeans", "kmeans-joint"])  # ZCA Lloyd; Lloyd + gradient refinement
+def test_two_processes_match_one(fake_cifar10, tmp_path, init):
     # Few steps: this tiny net on random labels is chaotic, and floating-point differences in the
     # order of reductions grow about 3x per step after that.
-    torchrun(fake_cifar10, tmp_path / "ddp", extra=["--iterations", "6"])
-    single(fake_cifar10, tmp_path / "one", iterations=6)
+    torchrun(fake_cifar10, tmp_path / "ddp", extra=["--iterations", "6", "--init", init])
+    single(fake_cifar10, tmp_path / "one", iterations=6, init=init)
     for name in ("init.pt", "final.pt"):
         a, b = states(tmp_path / "ddp", name), states(tmp_path / "one", name)
         for k in a:

@@ -114,3 +114,31 @@ def test_compile_option_trains(fake_cifar10, tmp_path):
     # torch.compile takes about a minute here: marked slow, out of CI.
     last = train(tiny(fake_cifar10, tmp_path / "r", iterations=4, eval_every=4, compile=True), progress=False)
     assert math.isfinite(last["train_loss"]) and (tmp_path / "r" / "final.pt").exists()
+
+
+def test_tensorboard_events_when_installed(fake_cifar10, tmp_path):
+    pytest.importorskip("tensorboard")
+    train(tiny(fake_cifar10, tmp_path / "r"), progress=False)
+    assert list((tmp_path / "r" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_ctrl_c_leaves_a_resumable_run(fake_cifar10, tmp_path):
+    subprocess.run(_cli(fake_cifar10, tmp_path / "ref"), check=True, capture_output=True)
+    env = dict(os.environ, KMEANSINIT_TEST_STEP_SLEEP="0.3")
+    proc = subprocess.Popen(_cli(fake_cifar10, tmp_path / "cut"), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    assert f"kmeansinit train --resume {tmp_path / 'cut'}" in proc.stdout.read().decode()
+    assert not (tmp_path / "cut" / "final.pt").exists()
+    step = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"]
+    assert 0 < step < 16
+    subprocess.run([sys.executable, "-m", "kmeansinit", "train", "--resume", str(tmp_path / "cut"), "--quiet"],
+                   check=True, capture_output=True)
+    a, b = torch.load(tmp_path / "ref" / "final.pt"), torch.load(tmp_path / "cut" / "final.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

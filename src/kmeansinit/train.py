@@ -258,6 +258,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
     sleep = float(os.environ.get("KMEANSINIT_TEST_STEP_SLEEP", "0"))  # lets tests kill a tiny run mid-way
     losses = []
     last = {}
+    board = _tensorboard(out) if main else None
     try:
         step = start_step
         while step < total:
@@ -295,6 +296,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
                              f"{row['test_loss']:.4f} test_acc {row['test_acc']:.4f} ({row['wall']:.0f}s)")
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
+                if board is not None:
+                    for key in ("train_loss", "test_loss", "test_acc", "lr"):
+                        if key in row:
+                            board.add_scalar(key, row[key], step)
+                    board.flush()
                 last = row
             if main and (step % cfg.checkpoint_every == 0 or step == total or interrupted["flag"]):
                 # Metrics rows up to `step` are on disk before the checkpoint that covers them.
@@ -305,10 +311,21 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
     finally:
         signal.signal(signal.SIGINT, old_handler)
         log.close()
+        if board is not None:
+            board.close()
     if main:
         _atomic_save({k: v.contiguous() for k, v in raw.state_dict().items()}, out / "final.pt")
     cleanup()
     return last
+
+
+def _tensorboard(out: Path):
+    """A SummaryWriter into ``out/tensorboard`` when the ``tensorboard`` extra is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
 
 
 def _save_checkpoint(path: Path, model, opt, step: int, wall: float) -> None:
