@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (other options are ignored)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     r = sub.add_parser("reproduce", help="run one of the paper's grids and write its report")
-    r.add_argument("grid", choices=["table2", "table3", "ablation", "study"])
+    r.add_argument("grid", choices=["table2", "table3", "ablation", "study", "screen"])
     r.add_argument("--schedule", choices=["paper", "short", "tiny"], default="short",
                    help="paper: 75,000 iterations; short: 1,500 (see README)")
     r.add_argument("--seeds", type=int, default=1)

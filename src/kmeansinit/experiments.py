@@ -57,6 +57,26 @@ STUDY_VARIANTS = {
 }
 
 
+def _lw(**kw) -> dict:
+    return dict(init="kmeans-layerwise", init_options=kw)
+
+
+#: The one-seed, one-epoch SGD screen that picked the study's variants (constant lr).
+SCREEN_VARIANTS = {
+    "he": dict(init="he"),
+    "xavier": dict(init="xavier"),
+    "lw-center-he": _lw(preprocess="center"),
+    "lw-centerpairs-xavier": _lw(preprocess="center", pairs=True, scale="xavier"),
+    "lw-orth-he": _lw(orthogonal=True),
+    "lw-center-orth-xavier": _lw(preprocess="center", orthogonal=True, scale="xavier"),
+    "lw-zcapairs-he": _lw(preprocess="zca", pairs=True),
+    "lw-zcapairs-xavier": _lw(preprocess="zca", pairs=True, scale="xavier"),
+    "lw-zcapairs-variance": _lw(preprocess="zca", pairs=True, scale="variance"),
+    "lw-zcapairs-orth-xavier": _lw(preprocess="zca", pairs=True, orthogonal=True, scale="xavier"),
+    "first1-zcapairs-xavier": _lw(preprocess="zca", pairs=True, scale="xavier", layers=1),
+}
+
+
 @dataclass
 class Cell:
     name: str
@@ -140,7 +160,12 @@ def _study(out: Path, base: dict, seeds: int, init: str | None) -> list[Cell]:
     return cells
 
 
-GRIDS = {"table2": _table2, "table3": _table3, "ablation": _ablation, "study": _study}
+def _screen(out: Path, base: dict, seeds: int, init: str | None) -> list[Cell]:
+    screen = dict(epochs=1, halve_at=1.0, eval_every=98, log_every=39, checkpoint_every=390)
+    return [_cell(out, name, {**base, **screen}, optimizer="sgd", seed=0, **kw) for name, kw in SCREEN_VARIANTS.items()]
+
+
+GRIDS = {"table2": _table2, "table3": _table3, "ablation": _ablation, "study": _study, "screen": _screen}
 
 
 def cell_command(cell: Cell, python: str | None = None) -> list[str]:
