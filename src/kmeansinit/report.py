@@ -83,13 +83,15 @@ def _mean_sd(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def _nearest(steps, step: int):
+    """The evaluation step closest to ``step`` (ties to the later one)."""
+    return min(steps, key=lambda s: (abs(s - step), -s)) if steps else None
+
+
 def _acc_at(run: Run, step: int) -> float | None:
-    """Test accuracy at the last evaluation at or before ``step``."""
-    best = None
-    for r in run.evals:
-        if r["step"] <= step:
-            best = r["test_acc"]
-    return best
+    """Test accuracy at the evaluation closest to ``step``."""
+    at = _nearest([r["step"] for r in run.evals], step)
+    return next((r["test_acc"] for r in run.evals if r["step"] == at), None)
 
 
 def _first_reach(run: Run, level: float) -> tuple[int | None, float | None]:
@@ -128,8 +130,8 @@ def summarize(runs: list[Run]) -> dict[str, dict]:
         epochs = {}
         if per_epoch:
             for e in (1, 2, 3):
-                vals = [_acc_at(r, e * per_epoch) for r in rs if r.evals[-1]["step"] >= e * per_epoch]
-                if vals and len(vals) == len(rs):
+                vals = [_acc_at(r, e * per_epoch) for r in done if r.evals[-1]["step"] >= e * per_epoch - per_epoch // 10]
+                if vals and len(vals) == len(done):
                     epochs[e] = _mean_sd(vals)
         out[g] = dict(n=len(rs), finished=sum(r.finished for r in rs), acc=acc, acc_sd=acc_sd, loss=loss,
                       loss_sd=loss_sd, steps=last[0]["step"], reach=reach, epochs=epochs, per_epoch=per_epoch,
@@ -220,8 +222,8 @@ def versus_he(runs: list[Run]) -> list[str]:
     if ref_sgd:
         per_epoch = round(ref_sgd[0].rows[-1]["step"] / ref_sgd[0].rows[-1]["epoch"])
         curve = _mean_evals(ref_sgd)
-        at = [s for s in curve if s <= per_epoch]
-        target = (curve[max(at)], max(at)) if at else None
+        at = _nearest(list(curve), per_epoch)
+        target = (curve[at], at) if at is not None else None
     lines = ["## Against He (mean over seeds)", ""]
     if target:
         lines += [f"He reaches {100 * target[0]:.1f}% test accuracy after one epoch of SGD (step {target[1]}). "
