@@ -250,7 +250,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
     if cfg.compile:
         model = torch.compile(model)
     shard = slice(info.rank * cfg.batch_size // info.world_size, (info.rank + 1) * cfg.batch_size // info.world_size)
-    log.bar and log.bar.update(start_step - log.bar.n)
+    if log.bar is not None:
+        log.bar.update(start_step - log.bar.n)
     model.train()
     interrupted = {"flag": False}
     old_handler = signal.signal(signal.SIGINT, lambda *a: interrupted.__setitem__("flag", True))
