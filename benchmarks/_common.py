@@ -36,37 +36,31 @@ def machine(device: torch.device) -> str:
     return text
 
 
+def _clock(fn, device: torch.device) -> float:
+    """Seconds of one ``fn()``, waiting for the GPU before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t
+
+
 def timed(fn, repeats: int, device: torch.device, warmup: int = 2) -> float:
     """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup``."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 2]
+    times = [_clock(fn, device) for _ in range(warmup + repeats)][warmup:]
+    return sorted(times)[len(times) // 2]
 
 
 def timed_pair(f, g, repeats: int, device: torch.device, warmup: int = 2) -> tuple[float, float]:
     """Median seconds of ``f()`` and ``g()``, measured alternately so that drift hits both alike."""
     tf, tg = [], []
-    for i in range(warmup + repeats):
-        for fn, out in ((f, tf), (g, tg)):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= warmup:
-                out.append(time.perf_counter() - t)
-    return sorted(tf)[len(tf) // 2], sorted(tg)[len(tg) // 2]
+    for _ in range(warmup + repeats):
+        tf.append(_clock(f, device))
+        tg.append(_clock(g, device))
+    tf, tg = sorted(tf[warmup:]), sorted(tg[warmup:])
+    return tf[len(tf) // 2], tg[len(tg) // 2]
 
 
 def append_results(title: str, device: torch.device, lines: list[str], results: Path | None = None) -> Path:

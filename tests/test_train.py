@@ -67,6 +67,19 @@ def _cli(data, out, extra=()):
             "--init-images", "16", "--threads", "1", "--quiet", *extra]
 
 
+def wait_for(condition, seconds=120):
+    """Poll ``condition()`` until it holds (exceptions count as not yet) or time runs out."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if condition():
+                return True
+        except Exception:
+            pass
+        time.sleep(0.05)
+    return False
+
+
 def test_kill_and_resume_is_bit_identical(fake_cifar10, tmp_path):
     # Uninterrupted reference.
     subprocess.run(_cli(fake_cifar10, tmp_path / "ref"), check=True, capture_output=True)
@@ -75,15 +88,7 @@ def test_kill_and_resume_is_bit_identical(fake_cifar10, tmp_path):
     proc = subprocess.Popen(_cli(fake_cifar10, tmp_path / "cut"), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     ck = tmp_path / "cut" / "checkpoint.pt"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if ck.exists():
-            try:
-                if torch.load(ck, weights_only=False)["step"] >= 6:
-                    break
-            except Exception:
-                pass
-        time.sleep(0.05)
+    wait_for(lambda: torch.load(ck, weights_only=False)["step"] >= 6)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "cut" / "final.pt").exists(), "run finished before it could be killed"
@@ -128,9 +133,7 @@ def test_ctrl_c_leaves_a_resumable_run(fake_cifar10, tmp_path):
     proc = subprocess.Popen(_cli(fake_cifar10, tmp_path / "cut"), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL)
     metrics = tmp_path / "cut" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        time.sleep(0.05)
+    wait_for(lambda: metrics.read_text().count("\n") >= 2)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130
     assert f"kmeansinit train --resume {tmp_path / 'cut'}" in proc.stdout.read().decode()
