@@ -616,12 +616,7 @@ def kmeans_init_(
                     for t, rep in zip(targets, reports):
                         t0 = time.perf_counter()
                         inputs = _LayerInputs(taps, images, t.name, batch_size, cache_bytes)
-                        patches = inputs.count_patches(t.module)
-                        if patches < t.per_bank:
-                            raise ValueError(
-                                f"layer {t.name}: {patches} input patches for {t.per_bank} filters per bank; "
-                                "give more images"
-                            )
+                        _require_patches(inputs, t)
                         # Too many images to keep this layer's inputs: statistics and seeds from the
                         # first `stat_images`, then `stream_passes` online passes over all of them.
                         online = inputs.streaming and world()[1] == 1
@@ -653,12 +648,13 @@ def kmeans_init_(
                 else:
                     t0 = time.perf_counter()
                     for t in targets:
-                        _check_patches(taps, images, batch_size, t)
+                        # The gradient solver samples the whole image set, so count over all images.
+                        _require_patches(_LayerInputs(taps, images, t.name, batch_size, cache_bytes), t)
                     weights = {t.name: scale_filters_(weights[t.name].clone(), scale, t.module) for t in targets}
                     weights = _gradient_phase(taps, images, targets, weights, steps=steps, lr=lr, optimizer="sgd",
                                               momentum=momentum, batch_size=batch_size, cosine_weight=cosine_weight,
-                                              reduction=reduction, renormalize=renormalize, gen=gen, bar=bar, accumulate=accumulate,
-                                                  history=history)
+                                              reduction=reduction, renormalize=renormalize, gen=gen, bar=bar,
+                                              accumulate=accumulate, history=history)
                     for rep in reports:
                         rep.steps, rep.seconds = steps, (time.perf_counter() - t0) / len(reports)
             finally:
@@ -685,12 +681,9 @@ def kmeans_init_(
                       history=history)
 
 
-def _check_patches(taps: Taps, images: Tensor, batch_size: int, t: _Target) -> None:
-    x = taps.run(images[: min(batch_size, images.shape[0])], stop_at=t.name)[t.name]
-    rows = x.reshape(-1, x.shape[-1]).shape[0] // x.shape[0] if isinstance(t.module, nn.Linear) else 1
-    per_image = rows * filter_responses(x[:1], t.module, normalize=False).shape[-1]
-    # The gradient solver samples the whole image set over its run, so count patches over all images.
-    n = images.shape[0] * per_image
+def _require_patches(inputs: _LayerInputs, t: _Target) -> None:
+    """A clear error when the images give a layer fewer patches per bank than it has filters per bank."""
+    n = inputs.count_patches(t.module)
     if n < t.per_bank:
         raise ValueError(f"layer {t.name}: {n} input patches for {t.per_bank} filters per bank; give more images")
 
