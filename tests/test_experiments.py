@@ -27,8 +27,15 @@ def test_grid_shapes():
     assert {c.config.init for c in t2} == {"normal", "xavier", "he", "kmeans-paper", "kmeans"}
     ab = build_grid("ablation", out="g")
     assert sorted(c.config.init_options.get("cosine_weight", -1) for c in ab) == [-1, 0.0, 1.0, 10.0, 100.0]
+    # The short schedule's joint inits take 2,000 steps; the paper schedule keeps the paper's 10,000.
+    assert {c.config.init_options.get("steps") for c in ab if c.config.init == "kmeans-paper"} == {2000}
+    paper = build_grid("ablation", out="g", schedule="paper")
+    assert {c.config.init_options.get("steps") for c in paper if c.config.init == "kmeans-paper"} == {10_000}
     t3 = build_grid("table3", out="g", data="/nonexistent")
-    assert [c.name for c in t3] == ["cifar10-gated/s0", "cifar10-vanilla-x3/s0", "cifar10-vanilla-matched/s0"]
+    assert [c.name for c in t3] == ["cifar10-vanilla/s0", "cifar10-gated/s0", "cifar10-vanilla-x3/s0",
+                                    "cifar10-vanilla-matched/s0"]
+    assert [c.config.width for c in t3][:3] == [1.0, 1.0, 3.0] and 1.6 < t3[3].config.width < 1.9
+    assert build_grid("table3", out="g", extra=dict(iterations=600))[0].config.iterations == 600
     with pytest.raises(ValueError, match="unknown grid"):
         build_grid("table9", out="g")
 
@@ -89,3 +96,32 @@ def test_reproduce_and_report_cli(fake_cifar10, tmp_path, capsys):
     assert capsys.readouterr().out.count("kmeansinit train") == 10
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_cells_sharing_an_init_start_after_it_is_done(fake_cifar10, tmp_path):
+    # Two jobs, but the Adam cell of a k-means init waits until the SGD cell has finished that init.
+    cells = [c for c in tiny_table2(fake_cifar10, tmp_path / "grid") if c.config.init == "kmeans-paper"]
+    for c in cells:
+        c.config.init_options = dict(steps=40)
+    logs = []
+    assert run_grid(cells, jobs=2, log=logs.append, poll=0.05) == []
+    first, second = cells
+    assert (second.out / "config.json").stat().st_mtime_ns >= (first.out / "init.pt").stat().st_mtime_ns
+    a, b = (torch.load(c.out / "init.pt") for c in cells)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_concurrent_runs_share_one_cached_init(fake_cifar10, tmp_path):
+    # Started together outside the grid runner: the init cache's lock makes the second load the first's init.
+    cells = [c for c in tiny_table2(fake_cifar10, tmp_path / "grid") if c.config.init == "kmeans-paper"]
+    procs = []
+    for c in cells:
+        c.config.init_options = dict(steps=40)
+        c.out.mkdir(parents=True)
+        procs.append(subprocess.Popen(cell_command(c), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    cache = list((tmp_path / "grid" / "init-cache").glob("kmeans-paper-*.pt"))
+    assert len(cache) == 1
+    a, b = (torch.load(c.out / "init.pt") for c in cells)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -81,8 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reproduce", help="run one of the paper's grids and write its report")
     r.add_argument("grid", choices=["table2", "table3", "ablation", "study", "screen"])
     r.add_argument("--schedule", choices=["paper", "short", "tiny"], default="short",
-                   help="paper: 75,000 iterations; short: 1,500 (see README)")
+                   help="paper: 75,000 iterations; short: 1,200 (see README)")
     r.add_argument("--seeds", type=int, default=1)
+    r.add_argument("--iterations", type=int, default=None,
+                   help="override the schedule's iteration count (lr still halves at 2/3)")
     r.add_argument("--out", default=None, help="grid folder (default runs/<grid>)")
     r.add_argument("--data", default="../shared/data")
     r.add_argument("--init", default=None, help="table3: the init of every cell (default he)")
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
 
             out = args.out or f"runs/{args.grid}"
             cells = build_grid(args.grid, out=out, schedule=args.schedule, seeds=args.seeds, data=args.data,
-                               init=args.init)
+                               init=args.init, extra=None if args.iterations is None else dict(iterations=args.iterations))
             failed = run_grid(cells, jobs=args.jobs, dry_run=args.dry_run)
             if not args.dry_run:
                 print(f"report: {write_report(out, title=f'{args.grid} ({args.schedule} schedule)')}")

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import BatchLoader, Normalizer, load_dataset
-from .distributed import all_reduce_, cleanup, convert_sync_batchnorm, setup
+from .distributed import all_reduce_, cleanup, convert_sync_batchnorm, setup, world
 from .init import initialize_
 from .models import PaperNet
 
@@ -105,7 +106,8 @@ def lr_at(step: int, base: float, total: int, halve_at: float) -> float:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # Per-process temporary name: two runs may write the same file (a shared init cache).
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
@@ -335,12 +337,19 @@ def _save_checkpoint(path: Path, model, opt, step: int, wall: float) -> None:
 
 
 def init_key(cfg: TrainConfig, ds) -> str:
-    """What determines an init's result: model, init and its options, the images it sees, the seed."""
+    """What determines an init's result: model, init and its options, the images it sees, the seed.
+
+    Options are resolved against the preset, so ``kmeans-paper`` and ``kmeans-paper`` with its own
+    ``cosine_weight=100`` spelled out share one init.
+    """
     import hashlib
 
+    from .init import PRESETS
+
+    options = {**PRESETS.get(cfg.init, {}), **cfg.init_options}
     fields = dict(dataset=cfg.dataset, data=str(Path(cfg.data).resolve()), label=cfg.label, image_size=cfg.image_size,
                   gated=cfg.gated, width=cfg.width, classes=ds.num_classes, init=cfg.init, init_images=cfg.init_images,
-                  init_split=cfg.init_split, init_options=cfg.init_options, seed=cfg.seed, n_train=len(ds.train_y))
+                  init_split=cfg.init_split, init_options=options, seed=cfg.seed, n_train=len(ds.train_y))
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -351,16 +360,38 @@ def _cached_init(model: nn.Module, cfg: TrainConfig, ds, norm: Normalizer, devic
     if not cfg.init_cache:
         return _init(model, cfg, ds, norm, device, progress)
     cache = Path(cfg.init_cache)
+    cache.mkdir(parents=True, exist_ok=True)
     path = cache / f"{cfg.init}-{init_key(cfg, ds)}.pt"
-    if path.exists():
-        blob = torch.load(path, map_location=device, weights_only=False)
-        model.load_state_dict(blob["model"])
-        return InitReport.from_dict(blob["report"])
-    report = _init(model, cfg, ds, norm, device, progress)
-    if main:
-        cache.mkdir(parents=True, exist_ok=True)
-        _atomic_save(dict(model=model.state_dict(), report=report.to_dict()), path)
-    return report
+    # Runs of a grid that share an init wait for the one computing it instead of repeating it.
+    # Under torchrun all ranks take part in one init, so only single-process runs lock.
+    with _file_lock(path.with_name(path.name + ".lock"), enabled=world()[1] == 1):
+        if path.exists():
+            blob = torch.load(path, map_location=device, weights_only=False)
+            model.load_state_dict(blob["model"])
+            return InitReport.from_dict(blob["report"])
+        report = _init(model, cfg, ds, norm, device, progress)
+        if main:
+            _atomic_save(dict(model=model.state_dict(), report=report.to_dict()), path)
+        return report
+
+
+@contextmanager
+def _file_lock(path: Path, enabled: bool = True):
+    """An exclusive advisory lock on ``path`` (released by the OS if the holder dies); no-op without fcntl."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: runs may repeat a shared init, which is slower but correct
+        yield
+        return
+    if not enabled:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _init(model: nn.Module, cfg: TrainConfig, ds, norm: Normalizer, device, progress: bool):
