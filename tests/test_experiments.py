@@ -72,7 +72,7 @@ def test_grid_runs_skips_resumes_and_reports(fake_cifar10, tmp_path):
     for name, s in summary.items():
         runs = [r for r in collect(out) if r.group == name]
         assert s["acc"] == pytest.approx(runs[0].evals[-1]["test_acc"])
-        assert f"| {name} | 1 | {100 * s['acc']:.1f} ± 0.0 |" in text
+        assert f"| {name} | 1 | {100 * s['acc']:.1f} | {s['loss']:.3f} |" in text
     for png in ("curves.png", "filters.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
@@ -125,3 +125,14 @@ def test_concurrent_runs_share_one_cached_init(fake_cifar10, tmp_path):
     assert len(cache) == 1
     a, b = (torch.load(c.out / "init.pt") for c in cells)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_report_counts_parameters_from_init_weights(tmp_path):
+    from kmeansinit.models import PaperNet, count_parameters
+    from kmeansinit.report import _params
+
+    for kw in (dict(), dict(gated=True), dict(width=0.5, num_classes=100)):
+        m = PaperNet(**kw)
+        torch.save(m.state_dict(), tmp_path / "init.pt")
+        assert _params(tmp_path) == count_parameters(m)
+    assert _params(tmp_path / "missing") is None

@@ -136,8 +136,21 @@ def summarize(runs: list[Run]) -> dict[str, dict]:
         out[g] = dict(n=len(rs), finished=sum(r.finished for r in rs), acc=acc, acc_sd=acc_sd, loss=loss,
                       loss_sd=loss_sd, steps=last[0]["step"], reach=reach, epochs=epochs, per_epoch=per_epoch,
                       init=cfg.get("init"), optimizer=cfg.get("optimizer"),
-                      init_seconds=_mean_sd([r.init.get("seconds", math.nan) for r in rs])[0])
+                      init_seconds=_mean_sd([r.init.get("seconds", math.nan) for r in rs])[0],
+                      train_seconds=_mean_sd([x.get("wall", math.nan) for x in last])[0], params=_params(rs[0].path))
     return out
+
+
+def _params(folder: Path) -> int | None:
+    """Trainable parameter count of a run's model, read from its saved init weights (BN buffers excluded)."""
+    path = folder / "init.pt"
+    if not path.exists():
+        return None
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    return sum(v.numel() for k, v in state.items() if not k.endswith(buffers))
 
 
 def _fmt(x, sd=None, pct=True):
@@ -161,16 +174,25 @@ def report_markdown(root: Path, runs: list[Run], summary: dict[str, dict], title
     if has_epochs:
         head += " acc @1 ep | acc @3 ep |"
         sep += "---|---|"
-    head += " paper | init s |"
-    sep += "---|---|"
+    # Parameters only where the cells' models differ (table3); training seconds exclude the init.
+    models = {s["params"] for s in summary.values()}
+    if len(models) > 1:
+        head += " params |"
+        sep += "---|"
+    head += " paper | init s | train s |"
+    sep += "---|---|---|"
     lines += [head, sep]
     for g, s in summary.items():
         done = "" if s["finished"] == s["n"] else f" ({s['n'] - s['finished']} running)"
-        row = f"| {g} | {s['n']}{done} | {_fmt(s['acc'], s['acc_sd'])} | {_fmt(s['loss'], s['loss_sd'], pct=False)} |"
+        one = s["finished"] < 2  # no spread from a single run
+        row = (f"| {g} | {s['n']}{done} | {_fmt(s['acc'], None if one else s['acc_sd'])} | "
+               f"{_fmt(s['loss'], None if one else s['loss_sd'], pct=False)} |")
         if has_epochs:
             row += "".join(f" {_fmt(*s['epochs'][e]) if e in s['epochs'] else '–'} |" for e in (1, 3))
+        if len(models) > 1:
+            row += f" {s['params']:,} |" if s["params"] else " – |"
         paper = PAPER.get(g)
-        row += f" {_fmt(paper) if paper else ''} | {s['init_seconds']:.1f} |"
+        row += f" {_fmt(paper) if paper else ''} | {s['init_seconds']:.1f} | {s['train_seconds']:.0f} |"
         lines.append(row)
     lines += ["", "## Expedited training: iterations (and seconds) to first reach a test accuracy", "",
               "Mean over seeds; '–' where some seed never reached it.", "",
