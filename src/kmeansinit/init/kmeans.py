@@ -511,8 +511,9 @@ def kmeans_init_(
             layer by layer in forward order, earlier layers fixed, no cosine term).
         solver: ``"lloyd"`` (default: per-layer Lloyd steps, then ``refine_steps`` Adam steps on the
             joint loss) or ``"gradient"`` (the paper: ``steps`` momentum-SGD steps on the joint loss).
-        steps: Lloyd iterations per layer (default 10) or gradient steps (default 10,000, the paper).
-        refine_steps: joint Adam steps after the Lloyd phase (default 100; 0 in layerwise mode). With
+        steps: Lloyd iterations per layer (default 10; 5 in joint mode, where the refinement follows)
+            or gradient steps (default 10,000, the paper).
+        refine_steps: joint Adam steps after the Lloyd phase (default 50; 0 in layerwise mode). With
             the default lr this beats the paper's 10,000-step recipe on the joint objective for
             PaperNet and its gated form (benchmarks/solver_sweep.py).
         batch_size: images per gradient step (paper: 64); also the chunk size of every forward pass,
@@ -573,10 +574,13 @@ def kmeans_init_(
     if cosine_weight < 0:
         raise ValueError(f"cosine_weight must be >= 0, got {cosine_weight}")
     images = check_images(images, min_count=2)
+    joint_lloyd = mode == "joint" and solver == "lloyd"
     if steps is None:
-        steps = 10 if solver == "lloyd" else 10_000
+        # In joint mode the refinement follows, and Lloyd iterations past 5 add nothing there
+        # (benchmarks/RESULTS.md, "Joint refinement budget").
+        steps = (5 if joint_lloyd else 10) if solver == "lloyd" else 10_000
     if refine_steps is None:
-        refine_steps = 100 if (mode == "joint" and solver == "lloyd") else 0
+        refine_steps = 50 if joint_lloyd else 0
     if mode == "layerwise":
         refine_steps, cosine_weight = 0, 0.0
     if steps < 0 or refine_steps < 0:
