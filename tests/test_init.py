@@ -305,6 +305,30 @@ def test_zca_space_maps_back_exactly():
     assert_close(sums, m.t() @ z)
 
 
+def test_zca_statistics_from_a_patch_sample():
+    from kmeansinit.init.whiten import ZCASpace, unfold_patches
+
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 4, 3, bias=False)
+    x = images(64, size=12) * torch.tensor([1.0, 0.5, 0.2]).view(1, 3, 1, 1)
+    chunks = list(x.split(16))
+    full = ZCASpace(layer, chunks)
+    assert full.W.dtype == torch.float64
+    # Reference: the covariance of the normalized patches, written out in float64.
+    p = unfold_patches(x.double(), layer)
+    pn = p - p.mean(1, keepdim=True)
+    pn = pn / torch.sqrt(pn.var(1, unbiased=False, keepdim=True) + full.eps_norm)
+    assert_close(full.m, pn.mean(0), rtol=1e-5, atol=1e-6)
+    # 1,600 of 6,400 patches (27 dimensions): close to the full estimate, and the same on a rerun.
+    a = ZCASpace(layer, chunks, max_patches=1600, seed=3)
+    b = ZCASpace(layer, chunks, max_patches=1600, seed=3)
+    c = ZCASpace(layer, chunks, max_patches=1600, seed=4)
+    assert torch.equal(a.W, b.W) and not torch.equal(a.W, c.W)
+    assert float((a.W - full.W).norm() / full.W.norm()) < 0.15
+    # A cap above the patch count changes nothing.
+    assert_close(ZCASpace(layer, chunks, max_patches=10**6).W, full.W)
+
+
 def test_pairs_are_negatives_and_zca_layerwise_runs():
     torch.manual_seed(0)
     model = small_net()

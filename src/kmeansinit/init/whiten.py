@@ -68,7 +68,11 @@ def unfold_patches(x: Tensor, layer: nn.Module) -> Tensor:
 class ZCASpace:
     """k-means on contrast-normalized, ZCA-whitened patches; filters mapped back to raw patches."""
 
-    def __init__(self, layer: nn.Module, chunks, eps_norm: float = 1e-2, eps_zca: float = 1e-2):
+    def __init__(self, layer: nn.Module, chunks, eps_norm: float = 1e-2, eps_zca: float = 1e-2,
+                 max_patches: int | None = None, seed: int = 0):
+        """Patch mean and covariance from ``chunks`` (layer inputs): all patches, or at most about
+        ``max_patches`` of them, an equal random share from each chunk, drawn by ``(seed, chunk index)``
+        so that a distributed init picks the rows a single process picks."""
         self.layer, self.eps_norm = layer, eps_norm
         from ..distributed import all_reduce_
 
@@ -77,10 +81,20 @@ class ZCASpace:
         total = torch.zeros(dim, dtype=torch.float64, device=w.device)
         outer = torch.zeros(dim, dim, dtype=torch.float64, device=w.device)
         count = torch.zeros((), dtype=torch.float64, device=w.device)
-        for x in chunks:
-            p = self._normalize(unfold_patches(x, layer).double())
-            total += p.sum(0)
-            outer += p.t() @ p
+        indexed = chunks.indexed() if hasattr(chunks, "indexed") else enumerate(chunks)
+        share = None
+        if max_patches is not None:
+            n_chunks = getattr(chunks, "n_chunks", None) or len(chunks)
+            share = max(1, -(-max_patches // n_chunks))
+        for ci, x in indexed:
+            p = unfold_patches(x, layer)
+            if share is not None and p.shape[0] > share:
+                g = torch.Generator().manual_seed(seed * 1_000_003 + ci)
+                p = p[torch.randperm(p.shape[0], generator=g)[:share].to(p.device)]
+            # Per chunk in the inputs' dtype (a float32 GEMM is twice a float64 one on CPU), summed in float64.
+            p = self._normalize(p)
+            total += p.sum(0, dtype=torch.float64)
+            outer += (p.t() @ p).double()
             count += p.shape[0]
         for t in (total, outer, count):
             all_reduce_(t)
