@@ -329,6 +329,30 @@ def test_zca_statistics_from_a_patch_sample():
     assert_close(ZCASpace(layer, chunks, max_patches=10**6).W, full.W)
 
 
+def test_zca_scale_is_computed_once_per_cached_chunk(monkeypatch):
+    from kmeansinit.init import whiten
+
+    calls = []
+    original = whiten.ZCASpace._compute_scale
+    monkeypatch.setattr(whiten.ZCASpace, "_compute_scale", lambda self, x: calls.append(1) or original(self, x))
+    torch.manual_seed(0)
+    model = small_net()
+    x = images(32, size=12)
+    a = kmeans_init_(model, x, mode="layerwise", preprocess="zca", steps=4, batch_size=8, progress=False)
+    cached = len(calls)
+    calls.clear()
+    # Streamed inputs (cache_bytes=0) are new tensors every pass: the memo must not serve stale scales.
+    torch.manual_seed(0)
+    model_b = small_net()
+    b = kmeans_init_(model_b, x, mode="layerwise", preprocess="zca", steps=4, batch_size=8, cache_bytes=0,
+                     stream_passes=4, stat_images=32, progress=False)
+    assert all(math.isfinite(r.objective_after) for r in a.layers + b.layers)
+    layers = len(a.layers)
+    # Cached: once per chunk and layer for the Lloyd steps (4 chunks), plus seeding and reseeding.
+    assert cached < 4 * layers * 4 * 2, cached
+    assert len(calls) > cached
+
+
 def test_pairs_are_negatives_and_zca_layerwise_runs():
     torch.manual_seed(0)
     model = small_net()

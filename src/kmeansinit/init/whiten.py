@@ -14,6 +14,8 @@ covariance (one chunked unfold) stays in convolution form.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -74,6 +76,7 @@ class ZCASpace:
         ``max_patches`` of them, an equal random share from each chunk, drawn by ``(seed, chunk index)``
         so that a distributed init picks the rows a single process picks."""
         self.layer, self.eps_norm = layer, eps_norm
+        self._scales: dict[int, tuple] = {}
         from ..distributed import all_reduce_
 
         w = layer.weight
@@ -115,7 +118,21 @@ class ZCASpace:
         return (self._normalize(patches.double()) - self.m) @ self.W.t()
 
     def _scale(self, x: Tensor) -> Tensor:
-        """Per-position ``s(p)``, shape (N, 1, 1, L), from conv-form patch moments."""
+        """Per-position ``s(p)``, shape (N, 1, 1, L), from conv-form patch moments.
+
+        It depends on the inputs only, and a Lloyd step asks for it twice per chunk (responses,
+        then sums), every step for cached inputs: kept while ``x`` lives.
+        """
+        key = id(x)
+        hit = self._scales.get(key)
+        if hit is not None and hit[0]() is x:
+            return hit[1]
+        s = self._compute_scale(x)
+        self._scales[key] = (weakref.ref(x), s)
+        weakref.finalize(x, self._scales.pop, key, None)
+        return s
+
+    def _compute_scale(self, x: Tensor) -> Tensor:
         d = self.dim
         sq = patch_sq_norms(x, self.layer)
         ones = torch.ones_like(self.layer.weight[:1])
