@@ -63,6 +63,28 @@ def timed_pair(f, g, repeats: int, device: torch.device, warmup: int = 2) -> tup
     return tf[len(tf) // 2], tg[len(tg) // 2]
 
 
+def profile_lines(fn, title: str, device: torch.device, repeats: int = 3, rows: int = 8) -> list[str]:
+    """Markdown table of the ``rows`` operators with the most self time over ``repeats`` calls of ``fn``:
+    where the time goes, for a target that is missed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm-up outside the profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(repeats):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1.0
+    out = [f"Profile: {title} ({repeats} calls; self time per call)", "", "| operator | ms per call | share |", "|---|---|---|"]
+    for e in events[:rows]:
+        t = getattr(e, key)
+        out.append(f"| {e.key} | {t / 1e3 / repeats:.1f} | {100 * t / total:.0f}% |")
+    return out + [""]
+
+
 def append_results(title: str, device: torch.device, lines: list[str], results: Path | None = None) -> Path:
     path = Path(os.environ.get("KMEANSINIT_RESULTS", results or HERE / "RESULTS.md"))
     script = Path(sys.argv[0]).resolve()
