@@ -188,7 +188,8 @@ def report_markdown(root: Path, runs: list[Run], summary: dict[str, dict], title
         row = (f"| {g} | {s['n']}{done} | {_fmt(s['acc'], None if one else s['acc_sd'])} | "
                f"{_fmt(s['loss'], None if one else s['loss_sd'], pct=False)} |")
         if has_epochs:
-            row += "".join(f" {_fmt(*s['epochs'][e]) if e in s['epochs'] else '–'} |" for e in (1, 3))
+            row += "".join(f" {_fmt(s['epochs'][e][0], None if one else s['epochs'][e][1]) if e in s['epochs'] else '–'} |"
+                           for e in (1, 3))
         if len(models) > 1:
             row += f" {s['params']:,} |" if s["params"] else " – |"
         paper = PAPER.get(g)
