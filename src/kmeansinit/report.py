@@ -332,21 +332,29 @@ def _mean_curve(rs: list[Run], key: str, all_rows: bool = False):
     return common, [statistics.fmean(p[s] for p in per) for s in common]
 
 
+def _variant(run: Run) -> str:
+    opts = run.config.get("init_options") or {}
+    return run.config["init"] + "".join(f", {k}={v}" for k, v in sorted(opts.items()))
+
+
 def plot_filters(runs: list[Run], path: Path) -> bool:
     """First-layer filters, each normalized on its own: after k-means init, after He init, after training."""
     import torch
 
     plt = _pyplot()
-    km = next((r for r in runs if str(r.config.get("init", "")).startswith("kmeans") and (r.path / "init.pt").exists()), None)
+    # One k-means init per distinct variant (init and options): the paper's and ours side by side.
+    variants: dict[str, Run] = {}
+    for r in sorted(runs, key=lambda r: (r.seed, r.config.get("optimizer") != "sgd", r.group)):
+        if str(r.config.get("init", "")).startswith("kmeans") and (r.path / "init.pt").exists():
+            key = json.dumps([r.config["init"], r.config.get("init_options", {})], sort_keys=True)
+            variants.setdefault(key, r)
+    kms = list(variants.values())
     he = next((r for r in runs if r.config.get("init") == "he" and (r.path / "init.pt").exists()), None)
-    panels = []
-    if km:
-        panels.append((f"after k-means init ({km.config['init']}, no labels)", km.path / "init.pt"))
+    panels = [(f"after k-means init ({_variant(km)}, no labels)", km.path / "init.pt") for km in kms]
     if he:
         panels.append(("after He init", he.path / "init.pt"))
-    trained = km if km and km.finished else he if he and he.finished else None
-    if trained:
-        panels.append((f"after training ({trained.group})", trained.path / "final.pt"))
+    trained = [km for km in kms if km.finished] or ([he] if he and he.finished else [])
+    panels += [(f"after training ({r.group}, seed {r.seed})", r.path / "final.pt") for r in trained]
     if not panels:
         return False
     fig, axes = plt.subplots(len(panels), 1, figsize=(12, 1.9 * len(panels) + 0.3), squeeze=False)
