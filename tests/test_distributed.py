@@ -45,9 +45,10 @@ def states(out, name):
 @pytest.mark.parametrize("init", ["kmeans", "kmeans-joint"])  # ZCA Lloyd; Lloyd + gradient refinement
 def test_two_processes_match_one(fake_cifar10, tmp_path, init):
     # Few steps: this tiny net on random labels is chaotic, and floating-point differences in the
-    # order of reductions grow about 3x per step after that.
-    torchrun(fake_cifar10, tmp_path / "ddp", extra=["--iterations", "6", "--init", init])
-    single(fake_cifar10, tmp_path / "one", iterations=6, init=init)
+    # order of reductions (1e-6 in the init) grow fast and unevenly: measured 5e-5 after 4 steps,
+    # and between 4e-5 and 1e-2 after 6 depending on the init's exact numerics.
+    torchrun(fake_cifar10, tmp_path / "ddp", extra=["--iterations", "4", "--init", init])
+    single(fake_cifar10, tmp_path / "one", iterations=4, init=init)
     for name in ("init.pt", "final.pt"):
         a, b = states(tmp_path / "ddp", name), states(tmp_path / "one", name)
         for k in a:
@@ -55,7 +56,7 @@ def test_two_processes_match_one(fake_cifar10, tmp_path, init):
                 assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=f"{name}:{k}")
     # Only rank 0 writes: one metrics row per log point.
     rows = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
-    assert len(rows) == 3
+    assert len(rows) == len((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def test_two_processes_killed_and_resumed(fake_cifar10, tmp_path):
