@@ -241,7 +241,7 @@ def run_grid(cells: list[Cell], *, jobs: int = 1, dry_run: bool = False, log=pri
     while pending or running:
         for t in [t for t in running if not t.is_alive()]:
             del running[t]
-        busy = {_init_group(c) for c, _ in running.values() if not (c.out / "init.pt").exists()}
+        busy = {_init_group(c) for c in running.values() if not (c.out / "init.pt").exists()}
         while len(running) < jobs:
             ready = next((item for item in pending if _init_group(item[1]) not in busy), None)
             if ready is None:
@@ -249,7 +249,7 @@ def run_grid(cells: list[Cell], *, jobs: int = 1, dry_run: bool = False, log=pri
             pending.remove(ready)
             t = threading.Thread(target=one, args=(ready,))
             t.start()
-            running[t] = (ready[1], t)
+            running[t] = ready[1]
             busy.add(_init_group(ready[1]))
         time.sleep(poll)
     return failed

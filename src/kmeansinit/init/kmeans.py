@@ -587,7 +587,7 @@ def kmeans_init_(
     joint_lloyd = mode == "joint" and solver == "lloyd"
     if steps is None:
         # In joint mode the refinement follows, and Lloyd iterations past 5 add nothing there
-        # (benchmarks/RESULTS.md, "Joint refinement budget").
+        # (objectives swept with benchmarks/solver_sweep.py --lloyd 3,5,10).
         steps = (5 if joint_lloyd else 10) if solver == "lloyd" else 10_000
     if refine_steps is None:
         refine_steps = 50 if joint_lloyd else 0
