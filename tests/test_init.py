@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from scipy import stats
 from torch.testing import assert_close
 
@@ -305,6 +306,26 @@ def test_zca_space_maps_back_exactly():
     assert_close(sums, m.t() @ z)
 
 
+@pytest.mark.parametrize("layer", [
+    nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, (3, 2), stride=2, dilation=(2, 1), padding=(2, 0)),
+    nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.Conv2d(3, 4, 4, padding="same"),
+])
+def test_unfold_patches_matches_f_unfold_and_gathers_rows(layer):
+    from kmeansinit.init.whiten import patch_count, unfold_patches
+
+    x = torch.randn(3, 3, 9, 8)
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    ref = F.unfold(F.pad(x, layer._reversed_padding_repeated_twice, mode=mode), layer.kernel_size,
+                   dilation=layer.dilation, stride=layer.stride)
+    ref = ref.transpose(1, 2).reshape(-1, ref.shape[1])
+    assert patch_count(x, layer) == ref.shape[0]
+    assert torch.equal(unfold_patches(x, layer), ref)
+    rows = torch.randperm(ref.shape[0], generator=torch.Generator().manual_seed(0))[:7]
+    assert torch.equal(unfold_patches(x, layer, rows), ref[rows])
+    # Channels-last inputs give the same patches.
+    assert torch.equal(unfold_patches(x.contiguous(memory_format=torch.channels_last), layer, rows), ref[rows])
+
+
 def test_zca_statistics_from_a_patch_sample():
     from kmeansinit.init.whiten import ZCASpace, unfold_patches
 
@@ -463,7 +484,8 @@ def test_streamed_layers_use_online_passes_and_still_cluster():
             assert torch.isfinite(m.weight).all()
             assert_close(m.weight.flatten(1).norm(dim=1), torch.full((m.weight.shape[0],), math.sqrt(2)))
     # The cached path on the same data is a different algorithm, but must reach a similar objective.
-    rep_b = kmeans_init_(b, x, mode="layerwise", batch_size=8, stat_images=16, progress=False)
+    rep_b = kmeans_init_(b, x, mode="layerwise", batch_size=8, stat_images=48, progress=False)
+    assert max(r.steps for r in rep_b.layers) > 2
     assert rep.layers[0].objective_after > 0.9 * rep_b.layers[0].objective_after
     # And the streamed path with the recommended options runs to finite filters.
     kmeans_init_(b, x, mode="layerwise", cache_bytes=0, stat_images=16, batch_size=8, preprocess="zca", pairs=True,

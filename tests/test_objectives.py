@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from kmeansinit import GatedConv2d, cosine_penalty, kmeans_objective
-from kmeansinit.objectives import filter_responses, masked_patch_sums, patch_sq_norms
+from kmeansinit.objectives import filter_responses, masked_patch_sums, patch_sq_norms, patch_sums
 
 
 def patches_and_filters(x, layer):
@@ -146,7 +146,7 @@ def test_cosine_penalty_zero_filter_no_nan():
     assert_close(p, reference_penalty(torch.cat([w[:2], w[3:]]).detach()))
 
 
-@pytest.mark.parametrize("make", [LAYERS[1], LAYERS[3], LAYERS[6], LAYERS[7], LAYERS[8]])
+@pytest.mark.parametrize("make", LAYERS)
 def test_masked_patch_sums_and_patch_norms_match_unfold(make):
     torch.manual_seed(0)
     layer = make().double()
@@ -170,3 +170,4 @@ def test_masked_patch_sums_and_patch_norms_match_unfold(make):
         got = got_w.reshape(len(banks), -1, p.shape[1])[j]
         assert_close(got, expect)
         assert_close(sq[:, j, 0, :].reshape(-1), p.square().sum(dim=1))
+        assert_close(patch_sums(x, layer)[:, j, 0, :].reshape(-1), p.sum(dim=1))

@@ -21,9 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..objectives import filter_responses, masked_patch_sums, patch_sq_norms
+from ..objectives import filter_responses, masked_patch_sums, patch_sq_norms, patch_sums
 
-__all__ = ["RawSpace", "ZCASpace", "unfold_patches"]
+__all__ = ["RawSpace", "ZCASpace", "unfold_patches", "patch_count"]
 
 
 class RawSpace:
@@ -41,6 +41,14 @@ class RawSpace:
     def responses(self, x: Tensor, c: Tensor) -> Tensor:
         return filter_responses(self.prep(x), self.layer, c, normalize=False)
 
+    def patch_weights(self, x: Tensor) -> Tensor | None:
+        """Per-position factor of each patch in a cluster sum (None: every patch counts 1)."""
+        return None
+
+    def weighted_sums(self, x: Tensor, mask: Tensor, counts: Tensor, like: Tensor) -> Tensor:
+        """Cluster sums from a mask already multiplied by :meth:`patch_weights`; ``counts`` per filter."""
+        return masked_patch_sums(self.prep(x), self.layer, mask, like)
+
     def sums(self, x: Tensor, mask: Tensor, like: Tensor) -> Tensor:
         return masked_patch_sums(self.prep(x), self.layer, mask, like)
 
@@ -51,20 +59,47 @@ class RawSpace:
         return c
 
 
-def unfold_patches(x: Tensor, layer: nn.Module) -> Tensor:
-    """Every patch of ``layer`` (rows), for ungrouped Conv2d and Linear only: used for covariances."""
-    if isinstance(layer, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
+def _padded(x: Tensor, layer: nn.Conv2d) -> Tensor:
     if not isinstance(layer, nn.Conv2d) or layer.groups != 1:
         raise ValueError(f"preprocess='zca' supports ungrouped Conv2d and Linear layers, got {layer}")
+    if layer.padding == "valid":
+        return x
     if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-        x = F.pad(x, layer._reversed_padding_repeated_twice,
-                  mode="constant" if layer.padding_mode == "zeros" else layer.padding_mode)
-        pad = 0
-    else:
-        pad = layer.padding
-    p = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=pad, stride=layer.stride)
-    return p.transpose(1, 2).reshape(-1, p.shape[1])
+        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+        return F.pad(x, layer._reversed_padding_repeated_twice, mode=mode)
+    ph, pw = layer.padding
+    return F.pad(x, (pw, pw, ph, ph))
+
+
+def _windows(x: Tensor, layer: nn.Conv2d) -> Tensor:
+    """A view ``(N, C, Ho, Wo, kH, kW)`` of every patch of the (padded) input: no copy."""
+    xp = _padded(x, layer)
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+    v = xp.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
+    return v[..., ::dh, ::dw]
+
+
+def patch_count(x: Tensor, layer: nn.Module) -> int:
+    """Number of patch rows :func:`unfold_patches` returns for ``x``."""
+    if isinstance(layer, nn.Linear):
+        return x.numel() // x.shape[-1]
+    v = _windows(x[:1], layer)
+    return x.shape[0] * v.shape[2] * v.shape[3]
+
+
+def unfold_patches(x: Tensor, layer: nn.Module, rows: Tensor | None = None) -> Tensor:
+    """Patches of ``layer`` as rows (image-major, then position; entries channel-major, as
+    ``F.unfold``), for ungrouped Conv2d and Linear only: used for covariances. With ``rows`` (indices
+    into that order) only those patches are gathered, from a strided view: no full im2col."""
+    if isinstance(layer, nn.Linear):
+        p = x.reshape(-1, x.shape[-1])
+        return p if rows is None else p[rows]
+    v = _windows(x, layer)
+    n, c, ho, wo = v.shape[:4]
+    if rows is None:
+        return v.permute(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, -1)
+    img, pos = rows // (ho * wo), rows % (ho * wo)
+    return v[img, :, pos // wo, pos % wo].reshape(rows.shape[0], -1)
 
 
 class ZCASpace:
@@ -90,10 +125,12 @@ class ZCASpace:
             n_chunks = getattr(chunks, "n_chunks", None) or len(chunks)
             share = max(1, -(-max_patches // n_chunks))
         for ci, x in indexed:
-            p = unfold_patches(x, layer)
-            if share is not None and p.shape[0] > share:
+            rows = patch_count(x, layer)
+            if share is not None and rows > share:
                 g = torch.Generator().manual_seed(seed * 1_000_003 + ci)
-                p = p[torch.randperm(p.shape[0], generator=g)[:share].to(p.device)]
+                p = unfold_patches(x, layer, torch.randperm(rows, generator=g)[:share].to(x.device))
+            else:
+                p = unfold_patches(x, layer)
             # Per chunk in the inputs' dtype (a float32 GEMM is twice a float64 one on CPU), summed in float64.
             p = self._normalize(p)
             total += p.sum(0, dtype=torch.float64)
@@ -135,35 +172,43 @@ class ZCASpace:
     def _compute_scale(self, x: Tensor) -> Tensor:
         d = self.dim
         sq = patch_sq_norms(x, self.layer)
-        ones = torch.ones_like(self.layer.weight[:1])
-        mean = filter_responses(x, self.layer, ones, normalize=False) / d
+        mean = patch_sums(x, self.layer) / d
         var = (sq / d - mean.square()).clamp_min(0)
         return torch.sqrt(var + self.eps_norm)
 
+    def _raw_and_offset(self, c: Tensor) -> tuple[Tensor, Tensor]:
+        wc = c.flatten(1).double() @ self.W  # W symmetric: rows of (W c_k)
+        raw = (wc - wc.mean(dim=1, keepdim=True)).to(c.dtype).reshape(c.shape)  # P W c
+        return raw, wc @ self.m
+
     def to_raw(self, c: Tensor) -> Tensor:
-        flat = c.flatten(1).double() @ self.W  # W symmetric: rows of (W c_k)
-        flat = flat - flat.mean(dim=1, keepdim=True)  # P W c
-        return flat.to(c.dtype).reshape(c.shape)
+        return self._raw_and_offset(c)[0]
 
     def offset(self, c: Tensor) -> Tensor:
         return (c.flatten(1).double() @ self.W) @ self.m
 
     def responses(self, x: Tensor, c: Tensor) -> Tensor:
         # <z, c> = <p, PWc>/s(p) - <m, Wc>; multiplied by s(p) > 0, which keeps each patch's argmax.
-        r = filter_responses(x, self.layer, self.to_raw(c), normalize=False)
-        return r - self._scale(x) * self.offset(c).to(r.dtype).reshape(1, 1, -1, 1)
+        raw, offset = self._raw_and_offset(c)
+        r = filter_responses(x, self.layer, raw, normalize=False)
+        return r - self._scale(x) * offset.to(r.dtype).reshape(1, 1, -1, 1)
+
+    def patch_weights(self, x: Tensor) -> Tensor:
+        return self._scale(x).reciprocal()
+
+    def weighted_sums(self, x: Tensor, mask: Tensor, counts: Tensor, like: Tensor) -> Tensor:
+        """sum_i mask_ik z_i = W (P sum_i mask_ik p_i / s_i - n_k m), ``mask`` already holding 1 / s_i."""
+        raw = masked_patch_sums(x, self.layer, mask, like).flatten(1).double()
+        raw = raw - raw.mean(dim=1, keepdim=True)
+        n = counts.reshape(-1, 1).double()
+        return ((raw - n * self.m) @ self.W).to(like.dtype).reshape(like.shape)
 
     def sums(self, x: Tensor, mask: Tensor, like: Tensor) -> Tensor:
-        """sum_i mask_ik z_i = W (P sum_i mask_ik p_i / s_i - (sum_i mask_ik) m)."""
-        s = self._scale(x)
-        raw = masked_patch_sums(x, self.layer, mask / s, like).flatten(1).double()
-        raw = raw - raw.mean(dim=1, keepdim=True)
-        n = mask.sum(dim=(0, 3)).reshape(-1, 1).double()
-        return ((raw - n * self.m) @ self.W).to(like.dtype).reshape(like.shape)
+        """sum_i mask_ik z_i for a 0/1 ``mask`` (the shape of the responses)."""
+        return self.weighted_sums(x, mask * self.patch_weights(x), mask.sum(dim=(0, 3)).reshape(-1), like)
 
     def sq_norms(self, x: Tensor) -> Tensor:
         # Used to skip zero patches: a constant patch normalizes to 0 and carries no direction.
         sq = patch_sq_norms(x, self.layer)
-        ones = torch.ones_like(self.layer.weight[:1])
-        mean = filter_responses(x, self.layer, ones, normalize=False) / self.dim
+        mean = patch_sums(x, self.layer) / self.dim
         return (sq - self.dim * mean.square()).clamp_min(0)
