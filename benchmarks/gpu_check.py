@@ -46,6 +46,25 @@ def main():
         initialize_(model, "kmeans-layerwise", images.to(d), steps=5, progress=False)
         objs[d] = joint_objective(model, images.to(d), cosine_weight=0.0)
     lines.append(f"| layer-wise k-means objective cpu vs cuda | {objs['cpu']:.6g} vs {objs['cuda']:.6g} |")
+    # The recommended preset, cached and streamed (cache_bytes=0: online passes, stats from a head),
+    # on both devices; and the conv-backward cluster sums against an unfold reference on cuda.
+    for opts in (dict(), dict(cache_bytes=0, stat_images=64)):
+        objs = {}
+        for d in ("cpu", "cuda"):
+            torch.manual_seed(0)
+            model = PaperNet().to(d)
+            initialize_(model, "kmeans", images.to(d), progress=False, **opts)
+            objs[d] = joint_objective(model, images.to(d), cosine_weight=0.0)
+        lines.append(f"| kmeans preset {opts or 'cached'} objective cpu vs cuda | {objs['cpu']:.6g} vs {objs['cuda']:.6g} |")
+    from kmeansinit.objectives import filter_responses, masked_patch_sums
+
+    layer = torch.nn.Conv2d(16, 32, 5, stride=2, padding=2, bias=False).to(dev).double()
+    x = torch.randn(8, 16, 16, 16, device=dev, dtype=torch.double)
+    mask = torch.rand_like(filter_responses(x, layer))
+    p = torch.nn.functional.unfold(x, 5, padding=2, stride=2)  # (N, D, L)
+    ref = torch.einsum("nkl,ndl->kd", mask[:, 0], p).reshape(layer.weight.shape)
+    err = float((masked_patch_sums(x, layer, mask) - ref).abs().max())
+    lines.append(f"| masked_patch_sums (conv backward) vs unfold on cuda, float64 | max abs error {err:.2e} |")
     from conftest import write_cifar
 
     with tempfile.TemporaryDirectory() as tmp:

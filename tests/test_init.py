@@ -372,6 +372,14 @@ def test_zca_scale_is_computed_once_per_cached_chunk(monkeypatch):
     # Cached: once per chunk and layer for the Lloyd steps (4 chunks), plus seeding and reseeding.
     assert cached < 4 * layers * 4 * 2, cached
     assert len(calls) > cached
+    # The memo changes no result: with every scale recomputed, the same weights.
+    monkeypatch.setattr(whiten.ZCASpace, "_scale", lambda self, x: original(self, x))
+    for kw, ref in ((dict(), model), (dict(cache_bytes=0, stream_passes=4, stat_images=32), model_b)):
+        torch.manual_seed(0)
+        again = small_net()
+        kmeans_init_(again, x, mode="layerwise", preprocess="zca", steps=4, batch_size=8, progress=False, **kw)
+        for p, q in zip(again.parameters(), ref.parameters()):
+            assert torch.equal(p, q)
 
 
 def test_pairs_are_negatives_and_zca_layerwise_runs():

@@ -68,3 +68,24 @@ def test_gated_device_dtype_and_bad_groups():
     assert layer.weight.dtype == torch.float64
     with pytest.raises(ValueError, match="divisible"):
         GatedConv2d(4, 6, 3, groups=4)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_gated_channels_last_and_unbatched_match_reference(groups):
+    torch.manual_seed(2)
+    layer = GatedConv2d(4, 6, 3, padding=1, groups=groups).double()
+    x = torch.randn(3, 4, 7, 6, dtype=torch.double)
+    ref = reference(layer, x)
+    # Channels-last memory (the gate takes a dense copy there): same values and gradients.
+    xc = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    lc = GatedConv2d(4, 6, 3, padding=1, groups=groups).double().to(memory_format=torch.channels_last)
+    lc.load_state_dict(layer.state_dict())
+    assert_close(lc(xc), ref)
+    xr = x.clone().requires_grad_(True)
+    ga = torch.autograd.grad(lc(xc).square().sum(), (xc, lc.weight))
+    gb = torch.autograd.grad(reference(layer, xr).square().sum(), (xr, layer.weight))
+    for a, b in zip(ga, gb):
+        assert_close(a, b)
+    # Unbatched (C, H, W) input, as nn.Conv2d accepts it.
+    assert_close(layer(x[1]), ref[1])
+    assert_close(layer.pre_gate(x[1]), layer.pre_gate(x)[1])

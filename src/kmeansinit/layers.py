@@ -74,13 +74,22 @@ class GatedConv2d(nn.Conv2d):
 
     def pre_gate(self, x: Tensor) -> Tensor:
         """The ``3 * out_channels`` conv outputs ``(g, v1, v2)`` before gating, bias included."""
+        if x.dim() == 3:
+            return self.pre_gate(x.unsqueeze(0)).squeeze(0)
         bias = self.bias
         if bias is not None and self.groups > 1:
             bias = self.conv_weight(bias.reshape(-1, 1, 1, 1)).reshape(-1)
         return self._ungroup_output(self._conv_forward(x, self.conv_weight(), bias))
 
     def forward(self, x: Tensor) -> Tensor:
-        g, v1, v2 = self.pre_gate_tap(self.pre_gate(x)).chunk(3, dim=1)
+        if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d accepts
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        z = self.pre_gate_tap(self.pre_gate(x))
+        g, v1, v2 = z.chunk(3, dim=1)
+        if not z.is_contiguous() and z.is_contiguous(memory_format=torch.channels_last):
+            # A channel chunk of channels-last memory is strided, and sigmoid's CPU kernel is
+            # ~10x slower on it (benchmarks/gated_and_flops.py profile): the gate gets a dense copy.
+            g = g.contiguous(memory_format=torch.channels_last)
         psi = torch.sigmoid(g)
         # v2 + psi * (v1 - v2) == psi * v1 + (1 - psi) * v2 with one multiply fewer.
         return torch.lerp(v2, v1, psi)
