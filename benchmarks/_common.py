@@ -63,6 +63,16 @@ def timed_pair(f, g, repeats: int, device: torch.device, warmup: int = 2) -> tup
     return tf[len(tf) // 2], tg[len(tg) // 2]
 
 
+def timed_many(fns: list, repeats: int, device: torch.device, warmup: int = 2) -> list[float]:
+    """Median seconds of each ``fn()``, calls interleaved round-robin so that drift (clock, other
+    tenants of the cores) hits all alike: the ratios between them are what the targets compare."""
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(warmup + repeats):
+        for t, fn in zip(times, fns):
+            t.append(_clock(fn, device))
+    return [sorted(t[warmup:])[len(t[warmup:]) // 2] for t in times]
+
+
 def profile_lines(fn, title: str, device: torch.device, repeats: int = 3, rows: int = 8) -> list[str]:
     """Markdown table of the ``rows`` operators with the most self time over ``repeats`` calls of ``fn``:
     where the time goes, for a target that is missed."""
@@ -81,7 +91,9 @@ def profile_lines(fn, title: str, device: torch.device, repeats: int = 3, rows: 
     out = [f"Profile: {title} ({repeats} calls; self time per call)", "", "| operator | ms per call | share |", "|---|---|---|"]
     for e in events[:rows]:
         t = getattr(e, key)
-        out.append(f"| {e.key} | {t / 1e3 / repeats:.1f} | {100 * t / total:.0f}% |")
+        name = e.key.replace("|", "/")
+        name = name if len(name) <= 90 else name[:87] + "..."  # CUDA kernel names run to thousands of characters
+        out.append(f"| {name} | {t / 1e3 / repeats:.1f} | {100 * t / total:.0f}% |")
     return out + [""]
 
 

@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 
 RUNS = [
     ("train_throughput.py", ["--device", "cpu", "--steps", "20"], ["--device", "cpu", "--steps", "3"]),
-    ("gated_and_flops.py", ["--steps", "10"], ["--steps", "2"]),
+    ("gated_and_flops.py", ["--steps", "20"], ["--steps", "2"]),
     ("init_time.py", ["--device", "cpu", "--paper-steps", "200"], ["--device", "cpu", "--paper-steps", "5"]),
     ("init_scale.py", ["--sizes", "256,1024,8192", "--full"], ["--sizes", "64,128"]),
 ]
