@@ -5,7 +5,7 @@ same cores still adds noise.
 
     python benchmarks/run_all.py [--quick]
 
-The full run takes about 15 minutes on the 2-core CPU (init_scale's whole-training-set init is 4 of them).
+The full run takes about 17 minutes on the 2-core CPU (init_scale's whole-training-set init is 4 of them).
 """
 from __future__ import annotations
 

@@ -124,23 +124,30 @@ class ZCASpace:
         if max_patches is not None:
             n_chunks = getattr(chunks, "n_chunks", None) or len(chunks)
             share = max(1, -(-max_patches // n_chunks))
+        # Patch rows are gathered and reduced a block at a time (about 16 MB each), so the memory of
+        # the statistics does not depend on the chunk's patch count (PaperNet's second layer: 16,384
+        # patches of 1,936 values per 64 images).
+        block = max(1, 2**22 // dim)
         for ci, x in indexed:
             rows = patch_count(x, layer)
             if share is not None and rows > share:
                 g = torch.Generator().manual_seed(seed * 1_000_003 + ci)
-                p = unfold_patches(x, layer, torch.randperm(rows, generator=g)[:share].to(x.device))
+                picked = torch.randperm(rows, generator=g)[:share].to(x.device)
             else:
-                p = unfold_patches(x, layer)
-            # Per chunk in the inputs' dtype (a float32 GEMM is twice a float64 one on CPU), summed in float64.
-            p = self._normalize(p)
-            total += p.sum(0, dtype=torch.float64)
-            outer += (p.t() @ p).double()
-            count += p.shape[0]
+                picked = torch.arange(rows, device=x.device)
+            for sub in picked.split(block):
+                # In the inputs' dtype (a float32 GEMM is twice a float64 one on CPU), summed in float64.
+                p = self._normalize(unfold_patches(x, layer, sub))
+                total += p.sum(0, dtype=torch.float64)
+                outer += p.t() @ p  # promoted into float64 in place: no float64 copy of the product
+                count += p.shape[0]
         for t in (total, outer, count):
             all_reduce_(t)
         self.m = total / count
-        cov = outer / count - torch.outer(self.m, self.m)
+        # In place: a D x D float64 matrix is 30 MB for PaperNet's second layer, and each copy counts.
+        cov = outer.div_(count).addr_(self.m, self.m, alpha=-1)
         evals, evecs = torch.linalg.eigh(cov)
+        del cov, outer
         # eps_zca relative to the mean eigenvalue, so it means the same for every layer's scale.
         eps = eps_zca * float(evals.clamp_min(0).mean())
         self.W = (evecs * (evals.clamp_min(0) + eps).rsqrt()) @ evecs.t()
