@@ -61,10 +61,11 @@ def main():
         x = torch.randn(a.batch_size, c, size, size, device=dev).contiguous(memory_format=torch.channels_last)
         fused = GatedConv2d(c, out, k, stride=s, padding=k // 2, bias=False).to(dev, memory_format=torch.channels_last)
         three = ThreeConvs(c, out, k, s, k // 2).to(dev, memory_format=torch.channels_last)
-        times = timed_many([lambda m=m: m(x).sum().backward() for m in (three, fused)], a.steps, dev)
+        runs = [lambda m=m, x=x: m(x).sum().backward() for m in (three, fused)]
+        times = timed_many(runs, a.steps, dev)
         tot3, totf = tot3 + times[0], totf + times[1]
         if worst is None or times[0] / times[1] < worst[0]:
-            worst = (times[0] / times[1], f"{c}->{out}, {k}, {s}", [lambda m=m, x=x: m(x).sum().backward() for m in (three, fused)])
+            worst = (times[0] / times[1], f"{c}->{out}, {k}, {s}", runs)
         lines.append(f"| {c}->{out}, {k}, {s}, {size} | {1e3 * times[0]:.1f} | {1e3 * times[1]:.1f} | {times[0] / times[1]:.2f}x |")
         c, size = out, (size + s - 1) // s
     lines.append(f"| all eight | {1e3 * tot3:.1f} | {1e3 * totf:.1f} | {tot3 / totf:.2f}x |")

@@ -166,12 +166,7 @@ def patch_sq_norms(x: Tensor, layer: nn.Module) -> Tensor:
     Channels are summed first, then a box filter sums the window: ``C + k^2`` operations per
     position instead of the ``C k^2`` of a convolution of ``x**2`` with a ones filter.
     """
-    _check_layer(layer)
-    if isinstance(layer, nn.Linear):
-        rows = x.reshape(-1, x.shape[-1])
-        return rows.square().sum(dim=1).reshape(-1, 1, 1, 1)
-    sq = x.square()
-    return _window_sums(sq.reshape(x.shape[0], layer.groups, -1, *x.shape[2:]).sum(dim=2), layer)
+    return patch_sums(x.square(), layer)
 
 
 def patch_sums(x: Tensor, layer: nn.Module) -> Tensor:

@@ -562,8 +562,8 @@ def kmeans_init_(
             one process runs this many online Lloyd passes over all images per layer in place of
             ``steps`` batch iterations, recomputing the layer's inputs chunk by chunk and keeping none,
             so memory does not grow with the number of images (the whole training set:
-            ``kmeansinit train --init-images 0``); seeds, ZCA and centring statistics and the report's objectives then come
-            from the first ``stat_images`` images.
+            ``kmeansinit train --init-images 0``); seeds, ZCA and centring statistics and the
+            report's objectives then come from the first ``stat_images`` images.
         stat_patches: ``preprocess="zca"`` estimates each layer's patch covariance from at most about
             this many patches (a random, seeded share of every chunk; ``None``: all). 2**18 rows
             estimate a covariance of PaperNet's largest patch dimension (1,936) to a few percent,

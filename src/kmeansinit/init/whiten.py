@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..objectives import filter_responses, masked_patch_sums, patch_sq_norms, patch_sums
+from ..objectives import _conv_geometry, filter_responses, masked_patch_sums, patch_sq_norms, patch_sums
 
 __all__ = ["RawSpace", "ZCASpace", "unfold_patches", "patch_count"]
 
@@ -62,13 +62,8 @@ class RawSpace:
 def _padded(x: Tensor, layer: nn.Conv2d) -> Tensor:
     if not isinstance(layer, nn.Conv2d) or layer.groups != 1:
         raise ValueError(f"preprocess='zca' supports ungrouped Conv2d and Linear layers, got {layer}")
-    if layer.padding == "valid":
-        return x
-    if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-        return F.pad(x, layer._reversed_padding_repeated_twice, mode=mode)
-    ph, pw = layer.padding
-    return F.pad(x, (pw, pw, ph, ph))
+    x, (ph, pw) = _conv_geometry(x, layer)
+    return F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
 
 
 def _windows(x: Tensor, layer: nn.Conv2d) -> Tensor:
@@ -192,7 +187,7 @@ class ZCASpace:
         return self._raw_and_offset(c)[0]
 
     def offset(self, c: Tensor) -> Tensor:
-        return (c.flatten(1).double() @ self.W) @ self.m
+        return self._raw_and_offset(c)[1]
 
     def responses(self, x: Tensor, c: Tensor) -> Tensor:
         # <z, c> = <p, PWc>/s(p) - <m, Wc>; multiplied by s(p) > 0, which keeps each patch's argmax.
