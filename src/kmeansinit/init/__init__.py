@@ -6,12 +6,13 @@ import torch.nn as nn
 from torch import Tensor
 
 from .baselines import fans, he_, lsuv_, normal_, whitening_, xavier_
-from .kmeans import joint_objective, kmeans_init_, scale_filters_
+from ._model import find_layers
+from .kmeans import joint_objective, kmeans_init_, scale_filters_, unsupported_reason
 from .report import InitReport, LayerReport
 
 __all__ = [
-    "initialize_", "METHODS", "PRESETS", "kmeans_init_", "joint_objective", "normal_", "xavier_", "he_",
-    "lsuv_", "whitening_", "scale_filters_", "fans", "InitReport", "LayerReport",
+    "initialize_", "METHODS", "PRESETS", "DATA_FREE", "kmeans_init_", "joint_objective", "normal_", "xavier_", "he_",
+    "lsuv_", "whitening_", "scale_filters_", "fans", "InitReport", "LayerReport", "he_kmeans_norm_",
 ]
 
 #: k-means presets: keyword arguments of :func:`kmeans_init_`; explicit options override them.
@@ -20,6 +21,9 @@ PRESETS: dict[str, dict] = {
     # k-means on contrast-normalized, ZCA-whitened patches (Coates & Ng), each centroid used with its
     # negative, filters mapped back to raw patches and scaled to the Xavier-normal norm.
     "kmeans": dict(mode="layerwise", solver="lloyd", preprocess="zca", pairs=True, scale="xavier"),
+    # Control: the `kmeans` preset's directions at He's filter norm (sqrt 2), to tell the direction
+    # from the scale (with BN after a conv the norm only sets the effective learning rate).
+    "kmeans-he-norm": dict(mode="layerwise", solver="lloyd", preprocess="zca", pairs=True, scale="he"),
     # The paper's joint objective solved by our fast solver (Lloyd + joint Adam refinement).
     "kmeans-joint": dict(mode="joint", solver="lloyd"),
     # The paper as written: joint objective summed over patches, lambda = 100, momentum SGD for
@@ -30,15 +34,34 @@ PRESETS: dict[str, dict] = {
     "kmeans-layerwise": dict(mode="layerwise", solver="lloyd"),
 }
 
-_DATA_FREE = {"normal": normal_, "xavier": xavier_, "he": he_}
+def he_kmeans_norm_(model: nn.Module, generator: torch.Generator | None = None) -> InitReport:
+    """Control: He-normal directions, each conv filter rescaled to the norm the ``kmeans`` preset gives it.
+
+    The counterpart of ``kmeans-he-norm``: random directions at the k-means preset's per-layer norms
+    (Xavier-normal's expected norm, ``sqrt(2 fan_in / (fan_in + fan_out))``) on exactly the conv layers
+    that preset clusters; every other layer keeps its He init, as under the preset.
+    """
+    report = he_(model, generator=generator)
+    opts = PRESETS["kmeans"]
+    with torch.no_grad():
+        for m in find_layers(model).values():
+            if unsupported_reason(m, opts["preprocess"], opts["pairs"]) is None:
+                scale_filters_(m.weight, opts["scale"], m)
+    report.method = "he-kmeans-norm"
+    return report
+
+
+_DATA_FREE = {"normal": normal_, "xavier": xavier_, "he": he_, "he-kmeans-norm": he_kmeans_norm_}
 _DATA = {"lsuv": lsuv_, "whitening": whitening_}
+DATA_FREE = tuple(_DATA_FREE)  # methods that need no images
 METHODS = tuple(_DATA_FREE) + tuple(_DATA) + tuple(PRESETS)
 
 
 def initialize_(model: nn.Module, method: str, images: Tensor | None = None, **options) -> InitReport:
     """Initialize every conv (and linear) layer of ``model`` in place by ``method``; return an :class:`InitReport`.
 
-    Methods: ``"normal"`` (std 1e-3), ``"xavier"``, ``"he"`` (no data); ``"lsuv"``, ``"whitening"``,
+    Methods: ``"normal"`` (std 1e-3), ``"xavier"``, ``"he"``, ``"he-kmeans-norm"`` (no data);
+    ``"lsuv"``, ``"whitening"``,
     ``"kmeans"`` (recommended preset), ``"kmeans-paper"`` (the paper's recipe), ``"kmeans-layerwise"``
     (these need ``images``). ``options`` go to the underlying function and override a preset's values.
     Data-free methods set linear layers too. The k-means presets first apply ``base`` (default
@@ -56,8 +79,8 @@ def initialize_(model: nn.Module, method: str, images: Tensor | None = None, **o
         return _DATA[method](model, images, **options)
     base = options.pop("base", "he")
     if base is not None:
-        if base not in _DATA_FREE:
-            raise ValueError(f"base must be one of {', '.join(_DATA_FREE)} or None, got {base!r}")
+        if base not in ("normal", "xavier", "he"):
+            raise ValueError(f"base must be normal, xavier, he or None, got {base!r}")
         _DATA_FREE[base](model, generator=torch.Generator().manual_seed(options.get("seed", 0)))
     report = kmeans_init_(model, images, **{**PRESETS[method], **options})
     report.method = method

@@ -102,21 +102,18 @@ def lsuv_(model: nn.Module, images: Tensor, *, tol: float = 0.1, max_iters: int 
         order = forward_order(model, layers, batch)
         for name in order:
             m = layers[name]
-            out = {}
-            handle = m.register_forward_hook(lambda mod, a, o: out.__setitem__("y", o))
+            # Only this layer's weight changes while it is scaled, so its input is computed once (the
+            # forward stops there) and the layer alone is rerun: not the whole net per iteration.
+            with Taps(model, {name: m}) as taps:
+                x = taps.run(batch, stop_at=name)[name]
             it = 0
-            try:
-                for it in range(1, max_iters + 1):
-                    with Taps(model, {name: m}) as taps:
-                        taps.run(batch)
-                    var = float(out["y"].var())
-                    if not math.isfinite(var) or var <= 0:
-                        raise ValueError(f"layer {name}: output variance {var} on the LSUV batch; cannot scale")
-                    if abs(var - 1.0) < tol:
-                        break
-                    m.weight.div_(math.sqrt(var))
-            finally:
-                handle.remove()
+            for it in range(1, max_iters + 1):
+                var = float(m(x).var())
+                if not math.isfinite(var) or var <= 0:
+                    raise ValueError(f"layer {name}: output variance {var} on the LSUV batch; cannot scale")
+                if abs(var - 1.0) < tol:
+                    break
+                m.weight.div_(math.sqrt(var))
             reps.append(LayerReport(name, m.weight.shape[0], cosine_after=float(cosine_penalty(m.weight)), steps=it))
     return InitReport(method="lsuv", layers=reps, seconds=time.perf_counter() - start,
                       options=dict(tol=tol, max_iters=max_iters, batch_size=batch_size))

@@ -32,7 +32,7 @@ from ._model import Taps, batchnorm_train_mode, check_images, find_layers, forwa
 from .report import InitReport, LayerReport
 from .whiten import RawSpace, ZCASpace
 
-__all__ = ["kmeans_init_", "joint_objective", "scale_filters_"]
+__all__ = ["kmeans_init_", "joint_objective", "scale_filters_", "unsupported_reason"]
 
 _EPS = 1e-8
 MODES = ("joint", "layerwise")
@@ -511,6 +511,7 @@ def kmeans_init_(
     stat_patches: int | None = 2**18,
     seed: int = 0,
     progress: bool = True,
+    unsupported: str = "skip",
 ) -> InitReport:
     """Set the weights of every conv (and, with ``include_linear``, linear) layer of ``model`` by k-means, in place.
 
@@ -570,6 +571,10 @@ def kmeans_init_(
             below the ``eps_zca`` regularization, at a fraction of the cost of all patches.
         seed: seeds every random choice; same seed and images give the same weights.
         progress: show a progress bar.
+        unsupported: what to do with a layer these options cannot cluster (``preprocess="zca"`` on a
+            grouped conv, depthwise ones included; ``pairs`` with an odd number of filters per
+            group): ``"skip"`` (default) leaves its weights as they are (a preset's ``base`` init)
+            and names it in the report's ``skipped``; ``"error"`` raises ``ValueError``.
 
     Biases of the initialized layers are set to zero; every other parameter and buffer (BN running
     statistics included), every module's train/eval mode and ``requires_grad`` are left as they were.
@@ -596,6 +601,8 @@ def kmeans_init_(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if cosine_weight < 0:
         raise ValueError(f"cosine_weight must be >= 0, got {cosine_weight}")
+    if unsupported not in ("skip", "error"):
+        raise ValueError(f"unsupported must be 'skip' or 'error', got {unsupported!r}")
     images = check_images(images, min_count=2)
     joint_lloyd = mode == "joint" and solver == "lloyd"
     if steps is None:
@@ -627,7 +634,19 @@ def kmeans_init_(
             if layers < 1:
                 raise ValueError(f"layers must be >= 1 when an int, got {layers}")
             order = order[:layers]
-        targets = [_target(n, found[n]) for n in order]
+        targets, skipped = [], {}
+        for n in order:
+            t = _target(n, found[n])
+            reason = unsupported_reason(t.module, preprocess, pairs)
+            if reason is None:
+                targets.append(t)
+            elif unsupported == "error":
+                raise ValueError(f"layer {n}: {reason}")
+            else:
+                skipped[n] = reason
+        if not targets:
+            raise ValueError(f"no layer of {type(model).__name__} can be clustered with these options: "
+                             + "; ".join(f"{n}: {r}" for n, r in skipped.items()))
         with Taps(model, {t.name: t.module for t in targets}, outputs=True) as taps:
             weights = {t.name: t.module.weight.detach().clone() for t in targets}
             # Report objectives on at most `stat_images` images: on a whole training set they would
@@ -709,7 +728,18 @@ def kmeans_init_(
                 t.module.bias.zero_()
     return InitReport(method=f"kmeans-{mode}", layers=reports, options=options,
                       seconds=time.perf_counter() - start, joint_before=joint_before, joint_after=joint_after,
-                      history=history)
+                      history=history, skipped=skipped)
+
+
+def unsupported_reason(module: nn.Module, preprocess: str, pairs: bool) -> str | None:
+    """Why k-means with these options cannot set ``module`` (None: it can)."""
+    groups = 1 if isinstance(module, nn.Linear) else module.groups
+    if preprocess == "zca" and groups > 1:
+        kind = "a depthwise" if module.weight.shape[1] == 1 else "a grouped"
+        return f"{kind} conv (groups={groups}); ZCA whitening is defined for ungrouped layers"
+    if pairs and (module.weight.shape[0] // groups) % 2:
+        return f"pairs need an even number of filters per group, got {module.weight.shape[0] // groups}"
+    return None
 
 
 def _require_patches(inputs: _LayerInputs, t: _Target) -> None:

@@ -33,6 +33,7 @@ class InitReport:
     joint_before: float = math.nan
     joint_after: float = math.nan
     history: list = field(default_factory=list)  # [gradient step, joint objective on that step's batch]
+    skipped: dict = field(default_factory=dict)  # layer name -> why the init left it as it was
 
     def __getitem__(self, name: str) -> LayerReport:
         for layer in self.layers:
@@ -67,4 +68,6 @@ class InitReport:
                 f"{r.name:<24}{r.filters:>8}{r.objective_before:>12.4g}{r.objective_after:>12.4g}"
                 f"{r.cosine_after:>10.3g}{r.steps:>7}{r.seconds:>8.2f}"
             )
+        for name, why in self.skipped.items():
+            lines.append(f"{name:<24} left as it was: {why}")
         return "\n".join(lines)

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .layers import GatedConv2d
+from ..layers import GatedConv2d
 
 __all__ = ["PaperNet", "count_parameters", "matching_width", "CONV_SPEC", "HIDDEN"]
 

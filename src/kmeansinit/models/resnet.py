@@ -1,0 +1,84 @@
+"""CIFAR ResNets of He et al. (2016), *Deep Residual Learning for Image Recognition*, sec. 4.2.
+
+A 3x3 conv of 16 channels, then three stages of ``n`` basic blocks with 16, 32 and 64 channels (the
+last two start with stride 2), global average pooling and one linear layer: ``6n + 2`` layers
+(ResNet-20: n = 3, 0.27M parameters; ResNet-56: n = 9, 0.85M, as published). Where a block changes
+width or resolution, its shortcut is the paper's option A: the input subsampled by 2 and padded with
+zero channels, so the published parameter counts hold (no 1x1 projection parameters).
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["CifarResNet", "resnet20", "resnet56"]
+
+
+def _width(c: int, width: float) -> int:
+    return max(1, round(c * width))
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN, plus the shortcut, then ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int, **kw) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False, **kw)
+        self.bn1 = nn.BatchNorm2d(cout, **kw)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False, **kw)
+        self.bn2 = nn.BatchNorm2d(cout, **kw)
+        self.stride, self.extra = stride, cout - cin
+
+    def shortcut(self, x: Tensor) -> Tensor:
+        # Option A: no parameters; subsample, then zero channels split on both sides.
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        if self.extra:
+            x = F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32x32 images; ``width`` multiplies every channel count."""
+
+    def __init__(self, n: int, num_classes: int = 10, width: float = 1.0, in_channels: int = 3,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        if n < 1:
+            raise ValueError(f"blocks per stage must be >= 1, got {n}")
+        if width <= 0:
+            raise ValueError(f"width must be > 0, got {width}")
+        kw = dict(device=device, dtype=dtype)
+        c = _width(16, width)
+        self.conv1 = nn.Conv2d(in_channels, c, 3, padding=1, bias=False, **kw)
+        self.bn1 = nn.BatchNorm2d(c, **kw)
+        stages = []
+        for i, base in enumerate((16, 32, 64)):
+            blocks = []
+            for j in range(n):
+                cout = _width(base, width)
+                blocks.append(BasicBlock(c, cout, 2 if (i > 0 and j == 0) else 1, **kw))
+                c = cout
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.fc = nn.Linear(c, num_classes, **kw)
+        self.num_classes, self.width = num_classes, width
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def resnet20(**kw) -> CifarResNet:
+    return CifarResNet(3, **kw)
+
+
+def resnet56(**kw) -> CifarResNet:
+    return CifarResNet(9, **kw)
