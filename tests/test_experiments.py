@@ -1,3 +1,4 @@
+import json
 import shlex
 import subprocess
 import sys
@@ -136,3 +137,91 @@ def test_report_counts_parameters_from_init_weights(tmp_path):
         torch.save(m.state_dict(), tmp_path / "init.pt")
         assert _params(tmp_path) == count_parameters(m)
     assert _params(tmp_path / "missing") is None
+
+
+def test_cell_command_round_trips_zoo_configs(tmp_path):
+    import dataclasses
+
+    from kmeansinit.cli import build_parser, train_config_from_args
+    from kmeansinit.experiments import Cell, cell_command
+    from kmeansinit.train import TrainConfig
+
+    # Values equal to the paper defaults must still be spelled out for a zoo model (the CLI would
+    # otherwise fill its recipe's values).
+    cfg = TrainConfig(model="resnet20", weight_decay=1e-5, nesterov=False, crop=0, lr=1e-3, out=str(tmp_path / "x"))
+    back = train_config_from_args(build_parser().parse_args(cell_command(Cell("x", cfg))[3:]))
+    assert dataclasses.asdict(back) == dataclasses.asdict(cfg)
+
+
+def _finish(cell, val_acc=None, diverged=False):
+    cell.out.mkdir(parents=True, exist_ok=True)
+    if diverged:
+        (cell.out / "diverged.json").write_text("{}")
+        return
+    (cell.out / "metrics.jsonl").write_text(json.dumps(dict(step=1, val_acc=val_acc)) + "\n")
+    (cell.out / "final.pt").write_bytes(b"")
+
+
+def test_fair_grid_picks_best_rate_and_extends_at_the_edges(tmp_path):
+    from kmeansinit.fair import FAIR_ARCHS, best_lrs, final_cells, sweep_cells
+
+    lrs = FAIR_ARCHS["resnet20"].lrs["sgd"]
+    cells = sweep_cells(tmp_path, "resnet20", "sgd", inits={"he": dict(init="he"), "kmeans": dict(init="kmeans")})
+    assert len(cells) == 2 * len(lrs) and all(c.config.val == 5000 and c.config.model == "resnet20" for c in cells)
+    by = {(c.name.split("/")[0], c.config.lr): c for c in cells}
+    for lr in lrs:  # he peaks inside the range; kmeans is best at the top one, and the top+1 diverges
+        _finish(by["he", lr], 0.5 - abs(lrs.index(lr) - 1) * 0.1)
+        _finish(by["kmeans", lr], 0.3 + 0.1 * lrs.index(lr))
+    kw = dict(inits={"he": dict(init="he"), "kmeans": dict(init="kmeans")})
+    assert best_lrs(tmp_path, "resnet20", "sgd", **kw) == ({"he": lrs[1]}, {"kmeans": lrs[-1] * 4})
+    ext = sweep_cells(tmp_path, "resnet20", "sgd", {"kmeans": lrs + [lrs[-1] * 4]}, **kw)
+    new = [c for c in ext if c.config.lr == lrs[-1] * 4]
+    assert len(new) == 1 and not new[0].done
+    _finish(new[0], diverged=True)
+    assert new[0].done  # a diverged run is a result: the grid does not rerun it
+    best, more = best_lrs(tmp_path, "resnet20", "sgd", **kw)
+    assert best == {"he": lrs[1], "kmeans": lrs[-1]} and more == {}
+    final = final_cells(tmp_path, "resnet20", "sgd", best, seeds=3)
+    assert sorted((c.name, c.config.lr) for c in final)[:3] == [("he/s0", lrs[1]), ("he/s1", lrs[1]), ("he/s2", lrs[1])]
+    assert all(c.config.epochs == FAIR_ARCHS["resnet20"].final_epochs for c in final)
+
+
+def test_fair_dry_run_prints_the_sweep(capsys, tmp_path):
+    from kmeansinit.cli import main
+
+    assert main(["reproduce", "fair", "--arch", "resnet20", "--out", str(tmp_path / "f"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--model resnet20") == 7 * 4 and "--val 5000" in out and "chosen after the sweep" in out
+
+
+def _fake_run(folder, lr, rows, init_seconds=1.0, diverged=False):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(dict(lr=lr, test_every=10, optimizer="sgd", init="he")))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "init_report.json").write_text(json.dumps(dict(seconds=init_seconds)))
+    (folder / ("diverged.json" if diverged else "final.pt")).write_text("{}")
+
+
+def test_fair_report_tables_and_verdict(tmp_path):
+    from kmeansinit.cli import main
+
+    root = tmp_path / "fair" / "paper-sgd"
+    _fake_run(root / "sweep" / "he" / "lr0.01", 0.01, [dict(step=20, epoch=2, val_acc=0.40, wall=5)])
+    _fake_run(root / "sweep" / "he" / "lr0.04", 0.04, [dict(step=20, epoch=2, val_acc=0.50, wall=5)])
+    _fake_run(root / "sweep" / "he" / "lr0.16", 0.16, [], diverged=True)
+    finals = {"he": [0.45, 0.47, 0.46], "kmeans": [0.60, 0.61, 0.62]}
+    for init, accs in finals.items():
+        for s, a in enumerate(accs):
+            rows = [dict(step=10, epoch=1, val_acc=a - 0.1, test_acc=a - 0.12, wall=10),
+                    dict(step=20, epoch=2, val_acc=a, test_acc=a - 0.02, wall=20)]
+            _fake_run(root / "final" / init / f"s{s}", 0.04, rows, init_seconds=3.0)
+    assert main(["report", str(tmp_path / "fair")]) == 0
+    text = (tmp_path / "fair" / "fair.md").read_text()
+    assert "| he | 40.0 | **50.0** | diverged |" in text
+    # kmeans: val at end 61.0 ± 1.0, 95% CI 61.0 ± 4.303 * 1.0 / sqrt(3) = [58.5, 63.5] on test (59.0 ± 1.0 -> [56.5, 61.5])
+    assert "| kmeans | 0.04 | 3 | 51.0 ± 1.0 | 49.0 ± 1.0 | 61.0 ± 1.0 | 59.0 ± 1.0 [56.5, 61.5] |" in text
+    # Target = lowest final mean val accuracy (he: 46.0%): kmeans reaches it at step 10 (10 s + 3 s init).
+    assert "| kmeans | 0.04 | 3 | 51.0 ± 1.0 | 49.0 ± 1.0 | 61.0 ± 1.0 | 59.0 ± 1.0 [56.5, 61.5] | 10 | 13 |" in text
+    # Welch: se = sqrt(2 * 0.01^2 / 3), df = 4, t = 2.776: 15.0 +/- 2.3 points.
+    assert "+15.0 points on validation (95% CI of the difference [+12.7, +17.3]): ahead it." in text
+    assert (tmp_path / "fair" / "lr_sweep.png").stat().st_size > 1000

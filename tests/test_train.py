@@ -145,3 +145,63 @@ def test_ctrl_c_leaves_a_resumable_run(fake_cifar10, tmp_path):
     a, b = torch.load(tmp_path / "ref" / "final.pt"), torch.load(tmp_path / "cut" / "final.pt")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_lr_schedules_against_their_formulas():
+    total = 100
+    assert [lr_at(s, 0.1, total, schedule="step") for s in (0, 49, 50, 74, 75, 99)] == \
+        pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    for s in (0, 10, 50, 99):
+        assert lr_at(s, 0.1, total, schedule="cosine") == pytest.approx(0.05 * (1 + math.cos(math.pi * s / total)))
+    # Warm-up ramps linearly to the schedule, then cosine runs over the remaining steps.
+    assert [lr_at(s, 0.1, total, schedule="cosine", warmup=10) for s in (0, 4, 9)] == pytest.approx([0.01, 0.05, 0.1])
+    assert lr_at(55, 0.1, total, schedule="cosine", warmup=10) == pytest.approx(0.05 * (1 + math.cos(math.pi * 45 / 90)))
+    assert lr_at(99, 0.1, total, schedule="constant") == 0.1
+    with pytest.raises(ValueError, match="lr schedule must be one of"):
+        lr_at(0, 0.1, 10, schedule="linear")
+
+
+def test_validation_split_is_fixed_disjoint_and_evaluated(fake_cifar10, tmp_path):
+    from kmeansinit.data import load_dataset
+    from kmeansinit.train import split_validation
+
+    ds = load_dataset("cifar10", fake_cifar10)
+    a, b = split_validation(ds, 12), split_validation(ds, 12)
+    assert torch.equal(a.val_x, b.val_x) and len(a.train_y) == len(ds.train_y) - 12
+    flat = lambda x: {bytes(r.numpy()) for r in x.reshape(x.shape[0], -1)}  # noqa: E731
+    assert not flat(a.val_x) & flat(a.train_x) and flat(a.val_x) | flat(a.train_x) == flat(ds.train_x)
+    with pytest.raises(ValueError, match="val must be between 1 and 59"):
+        split_validation(ds, 60)
+    train(tiny(fake_cifar10, tmp_path / "run", val=12, test_every=6, iterations=12, batch_size=8), progress=False)
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "val_acc" in r]
+    assert [r["step"] for r in evals] == [6, 12]
+    assert [r["step"] for r in rows if "test_acc" in r] == [6, 12]  # test_every 6 (and always at the end)
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["val"] == 12 and cfg["resolved_iterations"] == 12
+
+
+def test_zoo_model_trains_with_its_recipe(fake_cifar10, tmp_path, capsys):
+    rc = main(["train", "--data", str(fake_cifar10), "--model", "resnet20", "--width", "0.25", "--batch-size", "8",
+               "--iterations", "4", "--eval-every", "2", "--init", "kmeans", "--init-images", "16",
+               "--init-option", "steps=1", "--out", str(tmp_path / "r"), "--threads", "1", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert (cfg["model"], cfg["lr"], cfg["nesterov"], cfg["weight_decay"], cfg["crop"], cfg["lr_schedule"]) == \
+        ("resnet20", 0.1, True, 5e-4, 4, "cosine")
+    state = torch.load(tmp_path / "r" / "final.pt", weights_only=True)
+    assert "layer3.2.conv2.weight" in state
+
+
+def test_recipe_fills_only_what_the_user_did_not_give():
+    from kmeansinit.cli import build_parser, train_config_from_args
+
+    def cfg(*argv):
+        return train_config_from_args(build_parser().parse_args(["train", *argv]))
+
+    p = cfg()
+    assert (p.model, p.lr, p.nesterov, p.weight_decay, p.crop, p.lr_schedule) == ("paper", 1e-3, False, 1e-5, 0, "paper")
+    z = cfg("--model", "vgg11", "--weight-decay", "1e-4", "--no-nesterov", "--lr-schedule", "step")
+    assert (z.lr, z.nesterov, z.weight_decay, z.crop, z.lr_schedule) == (0.1, False, 1e-4, 4, "step")
+    a = cfg("--model", "resnet20", "--optimizer", "adam")
+    assert (a.lr, a.nesterov) == (1e-3, False)

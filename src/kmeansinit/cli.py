@@ -21,7 +21,8 @@ def _option(text: str):
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    from .train import TrainConfig
+    from .models import MODELS
+    from .train import SCHEDULE_NAMES, TrainConfig
 
     d = TrainConfig()
     p.add_argument("--dataset", choices=["cifar10", "cifar100", "folder"], default=d.dataset)
@@ -29,9 +30,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true", help="fetch CIFAR from the official source into --data")
     p.add_argument("--label", choices=["fine", "coarse"], default=d.label, help="CIFAR-100 labels")
     p.add_argument("--image-size", type=int, default=None, help="resize image-folder images to N x N")
-    p.add_argument("--crop", type=int, default=d.crop, help="random-crop padding in pixels (0: flips only, the paper)")
+    p.add_argument("--crop", type=int, default=None, help="random-crop padding in pixels (paper recipe: 0, flips only; zoo: 4)")
     p.add_argument("--no-flip", dest="flip", action="store_false")
-    p.add_argument("--gated", action="store_true", help="GatedConv2d in every conv layer")
+    p.add_argument("--model", choices=list(MODELS), default=d.model,
+                   help="network (default paper: Table 1); the zoo models default to their own recipe (README)")
+    p.add_argument("--gated", action="store_true", help="GatedConv2d in every conv layer larger than 1x1")
     p.add_argument("--width", type=float, default=d.width, help="width multiplier (3 = the paper's 'vanilla x3')")
     p.add_argument("--init", choices=list(METHODS), default=d.init)
     p.add_argument("--init-images", type=int, default=d.init_images, help="images for the init; 0 = all")
@@ -39,10 +42,21 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="draw init images from train (default, no leakage) or test (as the paper)")
     p.add_argument("--init-option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the init, e.g. steps=20 or cosine_weight=0 (repeatable)")
-    p.add_argument("--optimizer", choices=["sgd", "adam"], default=d.optimizer)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--momentum", type=float, default=d.momentum)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    # Recipe options default to None: filled from the model's recipe (train.RECIPES) unless given.
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default=None, help="default: sgd")
+    p.add_argument("--lr", type=float, default=None, help="default: paper 1e-3, zoo 0.1 (Adam: 1e-3)")
+    p.add_argument("--momentum", type=float, default=None, help="default 0.9")
+    p.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum (zoo default)")
+    p.add_argument("--no-nesterov", dest="nesterov", action="store_false")
+    p.add_argument("--weight-decay", type=float, default=None, help="default: paper 1e-5, zoo 5e-4")
+    p.add_argument("--lr-schedule", choices=list(SCHEDULE_NAMES), default=None,
+                   help="paper (halve once, at --halve-at), step (/10 at 1/2 and 3/4), cosine, constant; "
+                        "default: paper for the paper's net, cosine for the zoo")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="iterations of linear lr warm-up")
+    p.add_argument("--val", type=int, default=d.val,
+                   help="hold out N training images (fixed seed) and evaluate on them; test only at the end")
+    p.add_argument("--test-every", type=int, default=d.test_every,
+                   help="with --val: also evaluate the test set every N iterations (0: at the end only)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--iterations", type=int, default=d.iterations, help="total steps; lr halves at 2/3")
     p.add_argument("--halve-at", type=float, default=d.halve_at, help="fraction of the run after which lr halves (paper: 2/3)")
@@ -63,11 +77,18 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def train_config_from_args(a: argparse.Namespace):
-    from .train import TrainConfig
+    """A TrainConfig from parsed arguments; options not given come from the model's recipe (RECIPES)."""
+    from .train import RECIPES, TrainConfig
 
     names = {f.name for f in __import__("dataclasses").fields(TrainConfig)}
     kw = {k: v for k, v in vars(a).items() if k in names}
     kw["init_options"] = dict(a.init_option)
+    recipe = dict(RECIPES["paper" if kw.get("model", "paper") == "paper" else "zoo"])
+    if kw.get("optimizer") == "adam":
+        recipe.update(lr=1e-3, nesterov=False)
+    for key, value in recipe.items():
+        if kw.get(key) is None:
+            kw[key] = value
     return TrainConfig(**kw)
 
 
@@ -79,10 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (other options are ignored)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     r = sub.add_parser("reproduce", help="run one of the paper's grids and write its report")
-    r.add_argument("grid", choices=["table2", "table3", "ablation", "study", "screen"])
+    r.add_argument("grid", choices=["table2", "table3", "ablation", "study", "screen", "fair"])
     r.add_argument("--schedule", choices=["paper", "short", "tiny"], default="short",
                    help="paper: 75,000 iterations; short: 1,200 (see README)")
-    r.add_argument("--seeds", type=int, default=1)
+    r.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 1; fair: 3 for the final runs)")
     r.add_argument("--iterations", type=int, default=None,
                    help="override the schedule's iteration count (lr still halves at 2/3)")
     r.add_argument("--out", default=None, help="grid folder (default runs/<grid>)")
@@ -90,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--init", default=None, help="table3: the init of every cell (default he)")
     r.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes")
     r.add_argument("--dry-run", action="store_true", help="print each cell's kmeansinit train command")
+    r.add_argument("--arch", action="append", default=None,
+                   help="fair: architectures (repeatable; default all: paper, resnet20, vgg11, mobilenetv2)")
+    r.add_argument("--optimizer", action="append", default=None, choices=["sgd", "adam"],
+                   help="fair: optimizers (repeatable; default sgd, and adam on paper)")
+    r.add_argument("--val", type=int, default=5000, help="fair: validation images held out of the training set")
+    r.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="fair: training precision")
     rep = sub.add_parser("report", help="write report.md, curves.png, filters.png from run folders")
     rep.add_argument("dir")
     rep.add_argument("--title", default=None)
@@ -108,12 +135,22 @@ def main(argv=None) -> int:
                 cfg.out = args.resume
             last = train(cfg, resume=bool(args.resume), progress=not args.quiet)
             print(json.dumps(last))
+        elif args.command == "reproduce" and args.grid == "fair":
+            from .fair import FAIR_ARCHS, run_fair
+
+            out = args.out or "runs/fair"
+            failed = run_fair(out, args.arch or list(FAIR_ARCHS), args.optimizer or ("sgd", "adam"),
+                              seeds=args.seeds or 3, jobs=args.jobs, dry_run=args.dry_run,
+                              data=args.data, val=args.val, precision=args.precision)
+            if failed:
+                print(f"kmeansinit: error: {len(failed)} cells failed: {', '.join(c.name for c in failed)}", file=sys.stderr)
+                return 1
         elif args.command == "reproduce":
             from .experiments import build_grid, run_grid
             from .report import write_report
 
             out = args.out or f"runs/{args.grid}"
-            cells = build_grid(args.grid, out=out, schedule=args.schedule, seeds=args.seeds, data=args.data,
+            cells = build_grid(args.grid, out=out, schedule=args.schedule, seeds=args.seeds or 1, data=args.data,
                                init=args.init, extra=None if args.iterations is None else dict(iterations=args.iterations))
             failed = run_grid(cells, jobs=args.jobs, dry_run=args.dry_run)
             if not args.dry_run:
@@ -122,9 +159,16 @@ def main(argv=None) -> int:
                 print(f"kmeansinit: error: {len(failed)} cells failed: {', '.join(c.name for c in failed)}", file=sys.stderr)
                 return 1
         elif args.command == "report":
-            from .report import write_report
+            from pathlib import Path
 
-            print(write_report(args.dir, title=args.title))
+            if any((d / "sweep").is_dir() for d in Path(args.dir).glob("*-*")):  # a `reproduce fair` folder
+                from .report_fair import write_fair_report
+
+                print(write_fair_report(args.dir))
+            else:
+                from .report import write_report
+
+                print(write_report(args.dir, title=args.title))
         return 0
     except KeyboardInterrupt:
         return 130

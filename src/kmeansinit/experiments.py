@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .train import TrainConfig
+from .train import RECIPES, TrainConfig
 
 __all__ = ["Cell", "SCHEDULES", "GRIDS", "build_grid", "run_grid", "cell_command", "STUDY_VARIANTS"]
 
@@ -94,7 +94,8 @@ class Cell:
 
     @property
     def done(self) -> bool:
-        return (self.out / "final.pt").exists()
+        """Finished, or stopped by a NaN loss (a rerun would only diverge again)."""
+        return (self.out / "final.pt").exists() or (self.out / "diverged.json").exists()
 
 
 def _cell(grid_out: Path, name: str, base: dict, **kw) -> Cell:
@@ -184,9 +185,11 @@ def cell_command(cell: Cell, python: str | None = None) -> list[str]:
     if (cell.out / "config.json").exists():
         return exe + ["--resume", str(cell.out), "--quiet"]
     cfg, default = dataclasses.asdict(cell.config), dataclasses.asdict(TrainConfig())
+    # The CLI fills a zoo model's recipe options it is not given: spell them all out.
+    spelled = set(RECIPES["zoo"]) if cfg["model"] != "paper" else set()
     args = []
     for key, value in cfg.items():
-        if value == default[key] and key != "out":
+        if value == default[key] and key != "out" and key not in spelled:
             continue
         flag = "--" + key.replace("_", "-")
         if key == "init_options":
@@ -194,6 +197,8 @@ def cell_command(cell: Cell, python: str | None = None) -> list[str]:
                 args += ["--init-option", f"{k}={json.dumps(v)}"]
         elif key in ("flip", "channels_last"):
             args.append("--no-flip" if key == "flip" else "--no-channels-last")
+        elif key == "nesterov":
+            args.append("--nesterov" if value else "--no-nesterov")
         elif isinstance(value, bool):
             args.append(flag)
         elif value is not None:

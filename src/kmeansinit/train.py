@@ -23,10 +23,26 @@ import torch.nn.functional as F
 
 from .data import BatchLoader, Normalizer, load_dataset
 from .distributed import all_reduce_, cleanup, convert_sync_batchnorm, setup, world
-from .init import initialize_
-from .models import PaperNet
+from .init import DATA_FREE, initialize_
+from .models import MODELS, create_model
 
-__all__ = ["TrainConfig", "train", "lr_at", "RunError"]
+__all__ = ["TrainConfig", "train", "lr_at", "RunError", "RECIPES", "VAL_SEED", "split_validation"]
+
+#: The recipe each model family's users expect; ``kmeansinit train`` fills the options a user did
+#: not give from here. "paper": sec. 4 of Zhou. "zoo": the usual CIFAR recipe of ResNet/VGG/MobileNet
+#: papers (He et al. 2016): SGD with Nesterov momentum, weight decay 5e-4, 4-pixel random crops and
+#: flips, lr 0.1 with cosine decay.
+RECIPES = {
+    "paper": dict(optimizer="sgd", lr=1e-3, momentum=0.9, nesterov=False, weight_decay=1e-5, crop=0,
+                  lr_schedule="paper"),
+    "zoo": dict(optimizer="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, crop=4,
+                lr_schedule="cosine"),
+}
+
+#: The validation split (``--val N``) is drawn with this seed, whatever the run's seed: every run
+#: of a grid holds out the same images, so their validation accuracies compare.
+VAL_SEED = 20_170_000
+
 
 
 class RunError(RuntimeError):
@@ -44,6 +60,7 @@ class TrainConfig:
     crop: int = 0  # random-crop padding (0 = the paper: flips only)
     flip: bool = True
     # model
+    model: str = "paper"  # paper | resnet20 | resnet56 | vgg11 | mobilenetv2 (kmeansinit.models.MODELS)
     gated: bool = False
     width: float = 1.0
     # init
@@ -56,11 +73,16 @@ class TrainConfig:
     optimizer: str = "sgd"  # sgd (momentum 0.9) | adam
     lr: float = 1e-3
     momentum: float = 0.9
+    nesterov: bool = False
     weight_decay: float = 1e-5
     batch_size: int = 128
     iterations: int = 75_000
-    halve_at: float = 2 / 3  # lr halves after this fraction of iterations (paper: 50k of 75k)
+    lr_schedule: str = "paper"  # paper (halve once) | step (/10 at 1/2 and 3/4) | cosine | constant
+    halve_at: float = 2 / 3  # paper schedule: lr halves after this fraction of iterations (50k of 75k)
+    warmup: int = 0  # iterations of linear warm-up from lr / warmup to lr
     epochs: float | None = None  # if set, overrides iterations
+    val: int = 0  # training images held out (seed VAL_SEED) for validation; the test set is for final numbers
+    test_every: int = 0  # with val: evaluate the test set every this many iterations (0: only at the end)
     # bookkeeping
     seed: int = 0
     eval_every: int = 1000
@@ -83,6 +105,11 @@ class TrainConfig:
     def validate(self) -> None:
         checks = [
             (self.optimizer in ("sgd", "adam"), f"optimizer must be sgd or adam, got {self.optimizer!r}"),
+            (self.model in MODELS, f"model must be one of {', '.join(MODELS)}, got {self.model!r}"),
+            (self.lr_schedule in SCHEDULE_NAMES, f"lr_schedule must be one of {', '.join(SCHEDULE_NAMES)}, "
+                                                 f"got {self.lr_schedule!r}"),
+            (self.warmup >= 0 and self.val >= 0 and self.test_every >= 0, "warmup, val and test_every must be >= 0"),
+            (not (self.nesterov and self.optimizer != "sgd"), "nesterov applies to optimizer sgd only"),
             (self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}"),
             (self.init_split in ("train", "test"), f"init_split must be train or test, got {self.init_split!r}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
@@ -100,9 +127,43 @@ class TrainConfig:
                 raise ValueError(msg)
 
 
-def lr_at(step: int, base: float, total: int, halve_at: float) -> float:
-    """The paper's schedule: ``base`` until ``halve_at * total`` iterations, then ``base / 2``."""
-    return base if step < round(halve_at * total) else base / 2
+SCHEDULE_NAMES = ("paper", "step", "cosine", "constant")
+
+
+def lr_at(step: int, base: float, total: int, halve_at: float = 2 / 3, schedule: str = "paper",
+          warmup: int = 0) -> float:
+    """Learning rate of (0-based) ``step`` of ``total``.
+
+    ``paper``: ``base`` until ``halve_at * total`` iterations, then ``base / 2`` (Zhou, sec. 4).
+    ``step``: divided by 10 after 1/2 and again after 3/4 of the run (He et al. 2016).
+    ``cosine``: ``base (1 + cos(pi t / total)) / 2`` (Loshchilov & Hutter 2017), t counted after warm-up.
+    ``constant``: ``base``. The first ``warmup`` steps ramp linearly up to the schedule's value.
+    """
+    if schedule == "paper":
+        lr = base if step < round(halve_at * total) else base / 2
+    elif schedule == "step":
+        lr = base * (0.1 ** ((step >= round(total / 2)) + (step >= round(3 * total / 4))))
+    elif schedule == "cosine":
+        span = max(1, total - warmup)
+        lr = base * 0.5 * (1 + math.cos(math.pi * min(max(step - warmup, 0), span) / span))
+    elif schedule == "constant":
+        lr = base
+    else:
+        raise ValueError(f"lr schedule must be one of {', '.join(SCHEDULE_NAMES)}, got {schedule!r}")
+    if step < warmup:
+        lr *= (step + 1) / warmup
+    return lr
+
+
+def split_validation(ds, n: int):
+    """``ds`` with ``n`` training images (drawn with :data:`VAL_SEED`) moved into ``val_x``/``val_y``."""
+    if not 0 < n < len(ds.train_y):
+        raise ValueError(f"val must be between 1 and {len(ds.train_y) - 1} (training images), got {n}")
+    perm = torch.randperm(len(ds.train_y), generator=torch.Generator().manual_seed(VAL_SEED))
+    val, rest = perm[:n].sort().values, perm[n:].sort().values
+    out = dataclasses.replace(ds, train_x=ds.train_x[rest], train_y=ds.train_y[rest])
+    out.val_x, out.val_y = ds.train_x[val], ds.train_y[val]
+    return out
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -177,7 +238,7 @@ class _Progress:
 
 
 def build_model(cfg: TrainConfig, num_classes: int, in_channels: int) -> nn.Module:
-    return PaperNet(num_classes=num_classes, width=cfg.width, gated=cfg.gated, in_channels=in_channels)
+    return create_model(cfg.model, num_classes=num_classes, width=cfg.width, gated=cfg.gated, in_channels=in_channels)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, dataset=None) -> dict:
@@ -201,13 +262,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
         torch.set_num_threads(cfg.threads)
     ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data, download=cfg.download,
                                                           label=cfg.label, image_size=cfg.image_size)
+    if cfg.val:
+        ds = split_validation(ds, cfg.val)
     total = cfg.resolved_iterations(len(ds.train_y))
     norm = Normalizer.fit(ds.train_x)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, ds.num_classes, ds.train_x.shape[1]).to(device)
     params = [p for p in model.parameters()]
     if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                              nesterov=cfg.nesterov)
     else:
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     loader = BatchLoader(ds.train_x, ds.train_y, cfg.batch_size, norm, seed=cfg.seed, flip=cfg.flip,
@@ -266,7 +330,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
         step = start_step
         while step < total:
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg.lr, total, cfg.halve_at)
+                group["lr"] = lr_at(step, cfg.lr, total, cfg.halve_at, cfg.lr_schedule, cfg.warmup)
             xb, yb = loader.batch(step)
             xb, yb = xb[shard], yb[shard]
             if cfg.channels_last:
@@ -280,6 +344,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
                 lv = all_reduce_(lv) / info.world_size
             lv = float(lv)
             if not math.isfinite(lv):
+                if main:  # a grid counts a diverged run as finished (at chance): rerunning it repeats the NaN
+                    (out / "diverged.json").write_text(json.dumps(dict(step=step + 1, loss=str(lv), lr=opt.param_groups[0]["lr"])))
                 raise RunError(f"{out}: loss became {lv} at step {step + 1}; the last good checkpoint "
                                f"(step {torch.load(ckpt_path, weights_only=False)['step']}) is kept")
             opt.step()
@@ -294,13 +360,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
                            train_loss=sum(losses) / len(losses), wall=time.perf_counter() - t0)
                 losses = []
                 if is_eval:
-                    row["test_loss"], row["test_acc"] = _evaluate(raw, ds.test_x, ds.test_y, norm, device, cfg)
-                    log.line(f"step {step}/{total} train_loss {row['train_loss']:.4f} test_loss "
-                             f"{row['test_loss']:.4f} test_acc {row['test_acc']:.4f} ({row['wall']:.0f}s)")
+                    shown = []
+                    if cfg.val:
+                        row["val_loss"], row["val_acc"] = _evaluate(raw, ds.val_x, ds.val_y, norm, device, cfg)
+                        shown.append("val")
+                    if not cfg.val or step == total or (cfg.test_every and step % cfg.test_every == 0):
+                        row["test_loss"], row["test_acc"] = _evaluate(raw, ds.test_x, ds.test_y, norm, device, cfg)
+                        shown.append("test")
+                    log.line(f"step {step}/{total} train_loss {row['train_loss']:.4f} "
+                             + " ".join(f"{k}_loss {row[k + '_loss']:.4f} {k}_acc {row[k + '_acc']:.4f}" for k in shown)
+                             + f" ({row['wall']:.0f}s)")
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 if board is not None:
-                    for key in ("train_loss", "test_loss", "test_acc", "lr"):
+                    for key in ("train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "lr"):
                         if key in row:
                             board.add_scalar(key, row[key], step)
                     board.flush()
@@ -350,6 +423,11 @@ def init_key(cfg: TrainConfig, ds) -> str:
     fields = dict(dataset=cfg.dataset, data=str(Path(cfg.data).resolve()), label=cfg.label, image_size=cfg.image_size,
                   gated=cfg.gated, width=cfg.width, classes=ds.num_classes, init=cfg.init, init_images=cfg.init_images,
                   init_split=cfg.init_split, init_options=options, seed=cfg.seed, n_train=len(ds.train_y))
+    # Added only when not the default, so the keys of caches made before these options stay valid.
+    if cfg.model != "paper":
+        fields["model"] = cfg.model
+    if cfg.val:
+        fields["val"] = cfg.val
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -405,7 +483,7 @@ def _init(model: nn.Module, cfg: TrainConfig, ds, norm: Normalizer, device, prog
     if cfg.init.startswith("kmeans"):
         options.setdefault("seed", cfg.seed)
         options.setdefault("progress", progress)
-    elif cfg.init in ("normal", "xavier", "he", "lsuv", "whitening"):
+    else:
         options.setdefault("generator", torch.Generator().manual_seed(cfg.seed))
-    needs = cfg.init not in ("normal", "xavier", "he")
+    needs = cfg.init not in DATA_FREE
     return initialize_(model, cfg.init, images if needs else None, **options)

@@ -1,0 +1,202 @@
+"""The fair-evidence grid: does an init still win when every init gets its own best learning rate?
+
+Two stages per architecture and optimizer, every choice made on a validation split held out of the
+training set (``val`` images, the same for every run; the test set only gives the final numbers):
+
+1. ``sweep``: every init at every learning rate of the architecture's list, one seed, a short budget
+   (``sweep_epochs``). Where an init's best rate is at an end of the list, the grid adds the next rate
+   beyond it (a factor ``step`` on), up to ``extend`` times, so that each best rate lies inside the
+   range it was chosen from.
+2. ``final``: each init at its best rate (highest validation accuracy at the end of the sweep run),
+   ``seeds`` seeds, a longer budget (``final_epochs``).
+
+Folders: ``OUT/<arch>-<optimizer>/sweep/<init>/lr<rate>`` and ``OUT/<arch>-<optimizer>/final/<init>/s<seed>``;
+each is an ordinary resumable run folder (:mod:`kmeansinit.experiments`).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .experiments import Cell, _cell, run_grid
+from .train import RECIPES
+
+__all__ = ["FairArch", "FAIR_ARCHS", "FAIR_INITS", "sweep_cells", "final_cells", "best_lrs", "run_fair"]
+
+#: Every init the grid compares. ``kmeans-he-norm``: the preset's directions at He's filter norm;
+#: ``he-kmeans-norm``: He's directions at the preset's norms (the two controls for direction vs scale).
+FAIR_INITS = {
+    "he": dict(init="he"),
+    "xavier": dict(init="xavier"),
+    "lsuv": dict(init="lsuv"),
+    "whitening": dict(init="whitening"),
+    "kmeans": dict(init="kmeans"),
+    "kmeans-he-norm": dict(init="kmeans-he-norm"),
+    "he-kmeans-norm": dict(init="he-kmeans-norm"),
+}
+#: PaperNet only: the paper's recipe, with 2,000 of its 10,000 gradient steps (the recipe is at 99.5%
+#: of its 10,000-step objective after 1,000: benchmarks/RESULTS.md, "Joint solver sweep").
+PAPER_ONLY = {"kmeans-paper": dict(init="kmeans-paper", init_options=dict(steps=2000))}
+BASELINES = ("he", "xavier", "lsuv", "whitening")
+
+
+@dataclass
+class FairArch:
+    model: str
+    lrs: dict  # optimizer -> learning rates of the sweep (ascending)
+    width: float = 1.0
+    sweep_epochs: float = 1.0
+    final_epochs: float = 2.0
+    recipe: str = "zoo"
+    extra: dict = field(default_factory=dict)
+
+
+#: PaperNet keeps the paper's recipe (momentum 0.9, wd 1e-5, flips, lr halved after 2/3); the zoo nets
+#: the usual CIFAR one (train.RECIPES["zoo"]). VGG-11 and MobileNetV2 at width 0.5: full width costs
+#: several times a ResNet-20 epoch on the 2-core CPU this grid was sized for (docs/results/fair.md).
+FAIR_ARCHS = {
+    "paper": FairArch("paper", {"sgd": [1e-3, 4e-3, 1.6e-2, 6.4e-2], "adam": [2.5e-4, 1e-3, 4e-3, 1.6e-2]},
+                      recipe="paper", final_epochs=3.0),
+    "resnet20": FairArch("resnet20", {"sgd": [0.0125, 0.05, 0.2, 0.8]}),
+    "vgg11": FairArch("vgg11", {"sgd": [0.0125, 0.05, 0.2, 0.8]}, width=0.5),
+    "mobilenetv2": FairArch("mobilenetv2", {"sgd": [0.0125, 0.05, 0.2, 0.8]}, width=0.5),
+}
+
+
+def _inits(arch: str) -> dict:
+    return {**FAIR_INITS, **(PAPER_ONLY if arch == "paper" else {})}
+
+
+def _lr_name(lr: float) -> str:
+    return f"lr{lr:g}"
+
+
+def _base(a: FairArch, optimizer: str, data: str, val: int, precision: str, epochs: float) -> dict:
+    recipe = dict(RECIPES[a.recipe])
+    if optimizer == "adam":
+        recipe.update(optimizer="adam", nesterov=False)
+    per_epoch = (50_000 - val) // 128  # CIFAR-10's training set less the validation split
+    quarter = max(1, per_epoch // 4)
+    return {**recipe, "model": a.model, "width": a.width, "data": data, "val": val, "precision": precision,
+            "epochs": epochs, "eval_every": quarter, "log_every": max(1, quarter // 2), "test_every": per_epoch,
+            "checkpoint_every": per_epoch // 2, **a.extra}
+
+
+def sweep_cells(out, arch: str, optimizer: str, lrs=None, *, data: str = "../shared/data", val: int = 5000,
+                precision: str = "fp32", inits=None) -> list[Cell]:
+    a = FAIR_ARCHS[arch]
+    root = Path(out) / f"{arch}-{optimizer}"
+    base = _base(a, optimizer, data, val, precision, a.sweep_epochs)
+    cells = []
+    for name, kw in (inits or _inits(arch)).items():
+        for lr in (lrs or {}).get(name, a.lrs[optimizer]):
+            cells.append(_cell(root / "sweep", f"{name}/{_lr_name(lr)}", base, lr=lr, seed=0, **kw,
+                               init_cache=str(Path(out) / "init-cache" / arch)))
+    return cells
+
+
+def _final_acc(cell: Cell) -> float | None:
+    """Validation accuracy at the end of a finished sweep run; 0 for one that diverged; None if unfinished."""
+    if (cell.out / "diverged.json").exists():
+        return 0.0
+    if not (cell.out / "final.pt").exists():
+        return None
+    rows = [json.loads(x) for x in (cell.out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    vals = [r["val_acc"] for r in rows if "val_acc" in r]
+    return vals[-1] if vals else None
+
+
+def best_lrs(out, arch: str, optimizer: str, *, extend: int = 2, step: float = 4.0, **kw):
+    """(best lr per init, lrs to add): per init, the best finished rate and, where it lies at an end
+    of the swept range (and fewer than ``extend`` rates were added on that side), the next rate."""
+    a = FAIR_ARCHS[arch]
+    base_lrs = a.lrs[optimizer]
+    found: dict[str, dict[float, float | None]] = {}
+    for c in sweep_cells(out, arch, optimizer, **kw):
+        found.setdefault(c.name.split("/")[0], {})[c.config.lr] = _final_acc(c)
+    root = Path(out) / f"{arch}-{optimizer}" / "sweep"
+    for name in found:  # rates added by earlier extensions
+        for d in (root / name).glob("lr*"):
+            lr = float(d.name[2:])
+            found[name].setdefault(lr, _final_acc(Cell(f"{name}/{d.name}", _stub(d))))
+    best, more = {}, {}
+    for name, accs in found.items():
+        if any(v is None for v in accs.values()):
+            continue  # the sweep of this init is not finished
+        lrs = sorted(accs)
+        top = max(lrs, key=lambda lr: (accs[lr], -lr))  # ties go to the smaller rate
+        lo_added = sum(lr < base_lrs[0] for lr in lrs)
+        hi_added = sum(lr > base_lrs[-1] for lr in lrs)
+        if top == lrs[0] and lo_added < extend:
+            more[name] = lrs[0] / step
+        elif top == lrs[-1] and hi_added < extend and accs[top] > 0:
+            more[name] = lrs[-1] * step
+        else:
+            best[name] = top
+    return best, more
+
+
+def _stub(folder: Path):
+    class _C:  # only .out is read by _final_acc
+        out = folder
+
+    return _C()
+
+
+def final_cells(out, arch: str, optimizer: str, best: dict, *, seeds: int = 3, data: str = "../shared/data",
+                val: int = 5000, precision: str = "fp32") -> list[Cell]:
+    a = FAIR_ARCHS[arch]
+    root = Path(out) / f"{arch}-{optimizer}"
+    base = _base(a, optimizer, data, val, precision, a.final_epochs)
+    inits = _inits(arch)
+    return [_cell(root / "final", f"{name}/s{s}", base, lr=lr, seed=s, **inits[name], init_cache=str(Path(out) / "init-cache" / arch))
+            for s in range(seeds) for name, lr in best.items()]
+
+
+def _extra_lrs(out, arch, optimizer) -> dict:
+    root = Path(out) / f"{arch}-{optimizer}" / "sweep"
+    base = set(FAIR_ARCHS[arch].lrs[optimizer])
+    extra = {}
+    for name in _inits(arch):
+        lrs = sorted({float(d.name[2:]) for d in (root / name).glob("lr*") if d.is_dir()} | base)
+        extra[name] = lrs
+    return extra
+
+
+def run_fair(out, archs, optimizers=("sgd",), *, seeds: int = 3, jobs: int = 2, dry_run: bool = False,
+             data: str = "../shared/data", val: int = 5000, precision: str = "fp32", log=print) -> list[Cell]:
+    """Sweep, extend where a best rate is at an end, then the final runs; returns failed cells."""
+    failed = []
+    for arch in archs:
+        if arch not in FAIR_ARCHS:
+            raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(FAIR_ARCHS)}")
+        for opt in optimizers:
+            if opt not in FAIR_ARCHS[arch].lrs:
+                continue
+            kw = dict(data=data, val=val, precision=precision)
+            while True:
+                cells = sweep_cells(out, arch, opt, _extra_lrs(out, arch, opt), **kw)
+                if dry_run:
+                    log(f"# {arch} {opt}: learning-rate sweep on the validation split")
+                    failed += run_grid(cells, jobs=jobs, dry_run=True, log=log)
+                    break
+                log(f"{arch} {opt}: sweep")
+                failed += run_grid(cells, jobs=jobs, log=log)
+                best, more = best_lrs(out, arch, opt, **kw)
+                if not more:
+                    break
+                for name, lr in more.items():
+                    log(f"{arch} {opt} {name}: best rate at an end of the range; adding lr {lr:g}")
+                    (Path(out) / f"{arch}-{opt}" / "sweep" / name / _lr_name(lr)).mkdir(parents=True, exist_ok=True)
+            best, more = best_lrs(out, arch, opt, **kw)
+            if dry_run:
+                log(f"# {arch} {opt}: then each init's best rate x {seeds} seeds, {FAIR_ARCHS[arch].final_epochs:g} "
+                    f"epochs" + (f" (chosen so far: {best})" if best else " (chosen after the sweep)"))
+            cells = final_cells(out, arch, opt, best, seeds=seeds, **kw)
+            if cells:
+                log(f"{arch} {opt}: final runs at the best rates {json.dumps(best)}")
+                failed += run_grid(cells, jobs=jobs, dry_run=dry_run, log=log)
+    # A run stopped by a NaN loss is a result (the rate is too high), not a failure.
+    return [c for c in failed if not (c.out / "diverged.json").exists()]

@@ -1,0 +1,181 @@
+"""The fair-evidence report (``kmeansinit report runs/fair``): reads the run folders of
+``kmeansinit reproduce fair`` only, and writes ``fair.md`` and ``lr_sweep.png`` beside them.
+
+Per architecture and optimizer: the learning-rate sweep (validation accuracy at its end, each init's
+chosen rate marked), and, for the final runs at each init's chosen rate, validation and test accuracy
+at one epoch and at the end (mean ± sd and a 95% t-interval over seeds), the iterations and seconds
+(init included) to a target validation accuracy, and the `kmeans` preset against the best baseline.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from .report import _pyplot, collect
+
+__all__ = ["write_fair_report"]
+
+BASELINES = ("he", "xavier", "lsuv", "whitening")
+# Two-sided 95% quantiles of Student's t by degrees of freedom (1..10); 1.96 beyond.
+_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
+
+
+def _t95(df: float) -> float:
+    return _T95[int(df) - 1] if 1 <= df <= len(_T95) else 1.96
+
+
+def _stats(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None
+    m = statistics.fmean(xs)
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    half = _t95(len(xs) - 1) * sd / math.sqrt(len(xs)) if len(xs) > 1 else math.nan
+    return dict(mean=m, sd=sd, n=len(xs), lo=m - half, hi=m + half)
+
+
+def _fmt(s, ci=False):
+    if s is None:
+        return "–"
+    text = f"{100 * s['mean']:.1f}"
+    if s["n"] > 1:
+        text += f" ± {100 * s['sd']:.1f}"
+        if ci:
+            text += f" [{100 * s['lo']:.1f}, {100 * s['hi']:.1f}]"
+    return text
+
+
+def _at(rows, key, step):
+    """``key`` at the evaluation row closest to ``step`` that has it."""
+    have = [r for r in rows if key in r]
+    if not have:
+        return None
+    return min(have, key=lambda r: (abs(r["step"] - step), -r["step"]))[key]
+
+
+def _diverged(run) -> bool:
+    return (run.path / "diverged.json").exists()
+
+
+def _sweep_table(runs) -> tuple[list[str], dict]:
+    by: dict[str, dict[float, object]] = {}
+    for r in runs:
+        by.setdefault(r.path.parent.name, {})[r.config["lr"]] = r
+    lrs = sorted({lr for v in by.values() for lr in v})
+    lines = ["| init | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+    curves = {}
+    for init, cells in sorted(by.items()):
+        accs = {}
+        for lr, r in cells.items():
+            if _diverged(r):
+                accs[lr] = 0.0
+            elif r.finished:
+                vals = [x["val_acc"] for x in r.rows if "val_acc" in x]
+                accs[lr] = vals[-1] if vals else None
+        best = max((lr for lr, a in accs.items() if a is not None), key=lambda lr: (accs[lr], -lr), default=None)
+        row = []
+        for lr in lrs:
+            if lr not in cells:
+                row.append("")
+            elif _diverged(cells[lr]):
+                row.append("diverged")
+            elif accs.get(lr) is None:
+                row.append("running")
+            else:
+                row.append(("**" if lr == best else "") + f"{100 * accs[lr]:.1f}" + ("**" if lr == best else ""))
+        lines.append(f"| {init} | " + " | ".join(row) + " |")
+        curves[init] = {lr: a for lr, a in accs.items() if a is not None}
+    return lines, curves
+
+
+def _final_section(runs) -> list[str]:
+    groups: dict[str, list] = {}
+    for r in runs:
+        groups.setdefault(r.path.parent.name, []).append(r)
+    done = {g: [r for r in rs if r.finished] for g, rs in groups.items()}
+    done = {g: rs for g, rs in done.items() if rs}
+    if not done:
+        return ["Final runs: none finished yet."]
+    any_run = next(iter(done.values()))[0]
+    per_epoch = any_run.config["test_every"] or round(any_run.rows[-1]["step"] / any_run.rows[-1]["epoch"])
+    stats = {}
+    for g, rs in done.items():
+        stats[g] = dict(
+            lr=rs[0].config["lr"], n=len(rs),
+            val1=_stats([_at(r.rows, "val_acc", per_epoch) for r in rs]),
+            test1=_stats([_at(r.rows, "test_acc", per_epoch) for r in rs]),
+            val=_stats([[x for x in r.rows if "val_acc" in x][-1]["val_acc"] for r in rs]),
+            test=_stats([[x for x in r.rows if "test_acc" in x][-1]["test_acc"] for r in rs]),
+            init_s=statistics.fmean([r.init.get("seconds", 0.0) for r in rs]),
+            runs=rs)
+    # Target: the lowest final mean validation accuracy of any init, so every init reaches it.
+    target = min(s["val"]["mean"] for s in stats.values())
+    lines = [f"Final runs (each init at its chosen rate; {per_epoch} iterations an epoch; target validation "
+             f"accuracy {100 * target:.1f}%, the lowest final mean of any init):", "",
+             "| init | lr | seeds | val @1 epoch | test @1 epoch | val @end | test @end (95% CI) | iterations to target | seconds to target (init incl.) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for g, s in sorted(stats.items(), key=lambda kv: -kv[1]["val"]["mean"]):
+        its, secs = [], []
+        for r in s["runs"]:
+            hit = next((x for x in r.rows if "val_acc" in x and x["val_acc"] >= target), None)
+            its.append(hit["step"] if hit else None)
+            secs.append(hit["wall"] + r.init.get("seconds", 0.0) if hit else None)
+        it_txt = f"{statistics.fmean(its):.0f}" if all(i is not None for i in its) else f"{sum(i is not None for i in its)}/{len(its)} reached"
+        s_txt = f"{statistics.fmean(secs):.0f}" if all(x is not None for x in secs) else "–"
+        lines.append(f"| {g} | {s['lr']:g} | {s['n']} | {_fmt(s['val1'])} | {_fmt(s['test1'])} | {_fmt(s['val'])} | "
+                     f"{_fmt(s['test'], ci=True)} | {it_txt} | {s_txt} |")
+    base = [g for g in stats if g in BASELINES]
+    if "kmeans" in stats and base:
+        for when, key in (("at 1 epoch", "val1"), ("at the end", "val")):
+            best = max(base, key=lambda g: stats[g][key]["mean"])
+            a, b = stats["kmeans"][key], stats[best][key]
+            diff = a["mean"] - b["mean"]
+            se = math.sqrt(a["sd"] ** 2 / a["n"] + b["sd"] ** 2 / b["n"])
+            if a["n"] > 1 and b["n"] > 1 and se > 0:
+                df = se ** 4 / ((a["sd"] ** 2 / a["n"]) ** 2 / (a["n"] - 1) + (b["sd"] ** 2 / b["n"]) ** 2 / (b["n"] - 1))
+                half = _t95(max(1, math.floor(df))) * se
+                verdict = "ahead" if diff - half > 0 else "behind" if diff + half < 0 else "within the seed noise of"
+                lines.append(f"\n`kmeans` vs the best baseline {when} ({best}): {100 * diff:+.1f} points on validation "
+                             f"(95% CI of the difference [{100 * (diff - half):+.1f}, {100 * (diff + half):+.1f}]): {verdict} it.")
+            else:
+                lines.append(f"\n`kmeans` vs the best baseline {when} ({best}): {100 * diff:+.1f} points (too few seeds for an interval).")
+    return lines
+
+
+def write_fair_report(root: str | Path) -> Path:
+    """Write ``fair.md`` and ``lr_sweep.png`` for a ``reproduce fair`` folder; return fair.md's path."""
+    root = Path(root)
+    parts = sorted(d for d in root.iterdir() if d.is_dir() and (d / "sweep").is_dir()) if root.is_dir() else []
+    if not parts:
+        raise FileNotFoundError(f"{root}: no <arch>-<optimizer>/sweep folders of `kmeansinit reproduce fair`")
+    lines = [f"# Fair evidence: each init at its own best learning rate (`kmeansinit report {root}`)", ""]
+    sweeps = {}
+    for d in parts:
+        lines += [f"## {d.name}", "", "Learning-rate sweep: validation accuracy (%) at the end of one seed's run; "
+                  "**bold**: the best finished rate (the one the final runs use once the sweep is complete).", ""]
+        table, curves = _sweep_table(collect(d / "sweep"))
+        sweeps[d.name] = curves
+        lines += table + [""]
+        lines += (_final_section(collect(d / "final")) if (d / "final").is_dir() else ["Final runs: not started."]) + [""]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(5 * len(sweeps), 4), squeeze=False)
+    for ax, (name, curves) in zip(axes[0], sweeps.items()):
+        for init, accs in sorted(curves.items()):
+            if accs:
+                xs = sorted(accs)
+                ax.plot(xs, [100 * accs[x] for x in xs], marker="o", label=init)
+        ax.set_xscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(root / "lr_sweep.png", dpi=110)
+    plt.close(fig)
+    lines.append("![learning-rate sweep](lr_sweep.png)")
+    path = root / "fair.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
