@@ -85,7 +85,7 @@ def _base(a: FairArch, optimizer: str, data: str, val: int, precision: str, epoc
 
 
 def sweep_cells(out, arch: str, optimizer: str, lrs=None, *, data: str = "../shared/data", val: int = 5000,
-                precision: str = "fp32", inits=None) -> list[Cell]:
+                precision: str = "bf16", inits=None) -> list[Cell]:
     a = FAIR_ARCHS[arch]
     root = Path(out) / f"{arch}-{optimizer}"
     base = _base(a, optimizer, data, val, precision, a.sweep_epochs)
@@ -146,7 +146,7 @@ def _stub(folder: Path):
 
 
 def final_cells(out, arch: str, optimizer: str, best: dict, *, seeds: int = 3, data: str = "../shared/data",
-                val: int = 5000, precision: str = "fp32") -> list[Cell]:
+                val: int = 5000, precision: str = "bf16") -> list[Cell]:
     a = FAIR_ARCHS[arch]
     root = Path(out) / f"{arch}-{optimizer}"
     base = _base(a, optimizer, data, val, precision, a.final_epochs)
@@ -166,7 +166,7 @@ def _extra_lrs(out, arch, optimizer) -> dict:
 
 
 def run_fair(out, archs, optimizers=("sgd",), *, seeds: int = 3, jobs: int = 2, dry_run: bool = False,
-             data: str = "../shared/data", val: int = 5000, precision: str = "fp32", log=print) -> list[Cell]:
+             data: str = "../shared/data", val: int = 5000, precision: str = "bf16", log=print) -> list[Cell]:
     """Sweep, extend where a best rate is at an end, then the final runs; returns failed cells."""
     failed = []
     for arch in archs:
