@@ -14,6 +14,36 @@ from kmeansinit.train import TrainConfig, train
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
 
+def kill_workers(path) -> int:
+    """SIGKILL every process whose command line names ``path``; return how many there were.
+
+    torchrun starts each worker in a session of its own, so killing torchrun's process group leaves
+    the workers running (they go on training and writing the run folder): a real job kill ends them all.
+    """
+    n = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(path) in cmd:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+                n += 1
+            except ProcessLookupError:
+                pass
+    return n
+
+
+@pytest.fixture(autouse=True)
+def no_worker_left(tmp_path):
+    yield
+    time.sleep(0.2)
+    assert kill_workers(tmp_path) == 0, "a torchrun worker outlived its test"
+
+
 ARGS = ["--width", "0.25", "--batch-size", "8", "--iterations", "12", "--checkpoint-every", "2", "--eval-every", "6",
         "--log-every", "2", "--init", "kmeans", "--init-option", "steps=2", "--init-option", "refine_steps=3",
         "--init-option", "accumulate=2", "--init-option", "batch_size=8", "--init-images", "32", "--threads", "1",
@@ -24,11 +54,14 @@ def torchrun(data, out, extra=(), env=None, wait=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "kmeansinit", "train", "--data", str(data), "--out", str(out),
            *ARGS, *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", KMEANSINIT_DIST_TIMEOUT="120", **(env or {}))
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    try:
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        kill_workers(out)
+    assert r.returncode == 0, r.stderr[-4000:]
 
 
 def single(data, out, iterations=12, init="kmeans"):
@@ -66,18 +99,24 @@ def test_two_processes_killed_and_resumed(fake_cifar10, tmp_path):
     deadline = time.time() + 180
     while time.time() < deadline:
         try:
-            if ck.exists() and torch.load(ck, weights_only=False)["step"] >= 4:
+            if ck.exists() and torch.load(ck, weights_only=True)["step"] >= 4:
                 break
         except Exception:
             pass
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    kill_workers(tmp_path / "cut")  # the whole job, as a scheduler kills it
+    time.sleep(0.5)
     assert not (tmp_path / "cut" / "final.pt").exists()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "kmeansinit", "train", "--resume", str(tmp_path / "cut"), "--quiet"]
-    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    try:  # a rank out of step fails after KMEANSINIT_DIST_TIMEOUT seconds instead of hanging
+        r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", KMEANSINIT_DIST_TIMEOUT="120"),
+                           capture_output=True, text=True, timeout=300)
+    finally:
+        kill_workers(tmp_path / "cut")
+    assert r.returncode == 0, r.stderr[-4000:]
     a, b = states(tmp_path / "ref", "final.pt"), states(tmp_path / "cut", "final.pt")
     for k in a:
         assert torch.equal(a[k], b[k]), k

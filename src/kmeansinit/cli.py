@@ -170,8 +170,8 @@ def main(argv=None) -> int:
 
                 print(write_report(args.dir, title=args.title))
         return 0
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:  # train saved a checkpoint first (Interrupted); 128 + signal, as shells do
+        return 128 + getattr(e, "signum", 2)
     except (DataError, RunError, ValueError, TypeError, FileNotFoundError, ImportError) as e:
         print(f"kmeansinit: error: {e}", file=sys.stderr)
         return 2

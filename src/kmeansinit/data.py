@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import pickle
 import tarfile
 import urllib.request
@@ -209,8 +210,11 @@ def load_image_folder(root: str | os.PathLike, *, size: int | None = None, cache
         raise DataError(f"{root / 'test'}: classes {sorted(extra)} not in {root / 'train'}")
     newest = max(f.stat().st_mtime for s in splits.values() for fs in s.values() for f in fs)
     if cache and cache_path.is_file() and cache_path.stat().st_mtime >= newest:
-        blob = torch.load(cache_path)
-        return Dataset(**blob)
+        try:  # tensors and plain data only: a planted pickle is refused, and the images decoded again
+            return Dataset(**torch.load(cache_path, weights_only=True))
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+            print(f"kmeansinit: {cache_path}: unusable cache ({first}); decoding the images again", file=sys.stderr)
     out = {}
     shape = None
     for split, by_class in splits.items():

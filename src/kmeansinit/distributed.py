@@ -16,7 +16,12 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-__all__ = ["DistInfo", "setup", "cleanup", "world", "all_reduce_", "all_gather_object", "GlobalBatchNorm", "convert_sync_batchnorm"]
+__all__ = ["DistInfo", "setup", "cleanup", "world", "all_reduce_", "all_gather_object", "broadcast_object",
+           "GlobalBatchNorm", "convert_sync_batchnorm", "TIMEOUT_ENV"]
+
+#: Seconds a collective may wait for the other ranks before it fails (default 900): a rank that is
+#: lost or out of step ends the run with an error instead of a hang.
+TIMEOUT_ENV = "KMEANSINIT_DIST_TIMEOUT"
 
 
 @dataclass
@@ -48,7 +53,10 @@ def setup(device: str = "auto") -> tuple[DistInfo, torch.device]:
     if size > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        from datetime import timedelta
+
+        timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "900")))
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
     if size > 1:
         return DistInfo(dist.get_rank(), dist.get_world_size(), local), dev
     return DistInfo(), dev
@@ -78,6 +86,15 @@ def all_reduce_(t: Tensor) -> Tensor:
     if world()[1] > 1:
         dist.all_reduce(t)
     return t
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` as rank ``src`` has it, on every rank (itself in one process)."""
+    if world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def all_gather_object(obj) -> list:

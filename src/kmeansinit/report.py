@@ -64,15 +64,22 @@ def collect(root: str | Path) -> list[Run]:
         rows = []
         mpath = folder / "metrics.jsonl"
         if mpath.exists():
-            for line in mpath.read_text().splitlines():
+            for line in mpath.read_text(errors="replace").splitlines():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError:
-                    break
-        init = {}
-        if (folder / "init_report.json").exists():
-            init = json.loads((folder / "init_report.json").read_text())
-        runs.append(Run(folder, group, seed, json.loads(cfg_path.read_text()), rows, init))
+                    continue  # a line cut by a kill or damaged: the others still count
+                if isinstance(row, dict) and isinstance(row.get("step"), int):
+                    rows.append(row)
+        try:
+            config = json.loads(cfg_path.read_text())
+            init = json.loads((folder / "init_report.json").read_text()) if (folder / "init_report.json").exists() else {}
+        except (ValueError, UnicodeDecodeError) as e:
+            import sys
+
+            print(f"kmeansinit report: skipping {folder}: corrupt JSON ({e})", file=sys.stderr)
+            continue
+        runs.append(Run(folder, group, seed, config, rows, init))
     return runs
 
 
@@ -146,11 +153,26 @@ def _params(folder: Path) -> int | None:
     path = folder / "init.pt"
     if not path.exists():
         return None
-    import torch
-
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = _safe_load(path)
+    if state is None:
+        return None
     buffers = ("running_mean", "running_var", "num_batches_tracked")
     return sum(v.numel() for k, v in state.items() if not k.endswith(buffers))
+
+
+def _safe_load(path: Path):
+    """Tensors from a run folder's .pt file (``weights_only``: a planted pickle is refused, never run);
+    None, with one line on stderr, for a file that is refused or unreadable."""
+    import sys
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        print(f"kmeansinit report: skipping {path}: not a plain tensor file ({first})", file=sys.stderr)
+        return None
 
 
 def _fmt(x, sd=None, pct=True):
@@ -357,9 +379,11 @@ def plot_filters(runs: list[Run], path: Path) -> bool:
     panels += [(f"after training ({r.group}, seed {r.seed})", r.path / "final.pt") for r in trained]
     if not panels:
         return False
+    panels = [(title, state) for title, p in panels if (state := _safe_load(p)) is not None]
+    if not panels:
+        return False
     fig, axes = plt.subplots(len(panels), 1, figsize=(12, 1.9 * len(panels) + 0.3), squeeze=False)
-    for ax, (title, p) in zip(axes[:, 0], panels):
-        state = torch.load(p, map_location="cpu", weights_only=False)
+    for ax, (title, state) in zip(axes[:, 0], panels):
         key = next(k for k in state if k.endswith("weight") and state[k].dim() == 4)
         w = state[key].float()
         tiles = []

@@ -1,8 +1,10 @@
 """The paper's training recipe: a ``TrainConfig`` dataclass, a resumable run folder, and the loop.
 
 A run folder holds ``config.json`` (the resolved configuration), ``init_report.json``,
-``metrics.jsonl`` (one row per log point), ``checkpoint.pt`` (model, optimizer, iteration, RNG
-states; written to a temp file and renamed) and, at the end, ``final.pt`` (model weights).
+``metrics.jsonl`` (one row per log point), ``checkpoint.pt`` and ``checkpoint.prev.pt`` (the last two
+checkpoints: model, optimizer, iteration, RNG state; each written to a temp file and renamed) and, at
+the end, ``final.pt`` (model weights). Every file is read back with ``torch.load(weights_only=True)``:
+tensors and plain data only, so a planted pickle is refused, never run.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import signal
 import sys
 import time
@@ -22,11 +25,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import BatchLoader, Normalizer, load_dataset
-from .distributed import all_reduce_, cleanup, convert_sync_batchnorm, setup, world
+from .distributed import all_reduce_, broadcast_object, cleanup, convert_sync_batchnorm, setup, world
 from .init import DATA_FREE, initialize_
 from .models import MODELS, create_model
 
-__all__ = ["TrainConfig", "train", "lr_at", "RunError", "RECIPES", "VAL_SEED", "split_validation"]
+__all__ = ["TrainConfig", "train", "lr_at", "RunError", "Interrupted", "RECIPES", "VAL_SEED", "split_validation",
+           "load_state"]
+
+CKPT, PREV = "checkpoint.pt", "checkpoint.prev.pt"
 
 #: The recipe each model family's users expect; ``kmeansinit train`` fills the options a user did
 #: not give from here. "paper": sec. 4 of Zhou. "zoo": the usual CIFAR recipe of ResNet/VGG/MobileNet
@@ -47,6 +53,48 @@ VAL_SEED = 20_170_000
 
 class RunError(RuntimeError):
     """A run that cannot go on (NaN loss, a config mismatch on resume); earlier results are kept."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: a checkpoint of the current step was saved; ``kmeansinit train --resume`` goes on."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+_FAULT_HITS: dict[str, int] = {}
+
+
+def _fault(point: str) -> None:
+    """Fault injection for the kill tests: ``KMEANSINIT_FAULT=point:n`` SIGKILLs this process the n-th
+    time it passes ``point`` (init, save, eval, step). Without the variable: nothing."""
+    spec = os.environ.get("KMEANSINIT_FAULT")
+    if not spec:
+        return
+    name, _, n = spec.partition(":")
+    if name == point:
+        _FAULT_HITS[point] = _FAULT_HITS.get(point, 0) + 1
+        if _FAULT_HITS[point] == int(n or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def load_state(path: Path, map_location="cpu"):
+    """``torch.load`` of a run folder's or init cache's file: tensors and plain data only.
+
+    Raises :class:`RunError` naming the file when it is cut short, garbage, or holds pickled objects
+    (which ``weights_only`` refuses to run).
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError as e:
+        raise RunError(f"{path}: refused: it holds pickled objects, not only tensors and plain data "
+                       f"({str(e).strip().splitlines()[0][:120]})") from e
+    except Exception as e:  # truncated zip, garbage bytes, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise RunError(f"{path}: unreadable ({first})") from e
 
 
 @dataclass
@@ -166,11 +214,24 @@ def split_validation(ds, n: int):
     return out
 
 
-def _atomic_save(obj, path: Path) -> None:
+def _atomic_save(obj, path: Path, previous: Path | None = None) -> None:
+    """Write ``obj`` to a temp file and rename it onto ``path`` (first moving ``path`` to ``previous``).
+
+    A kill at any moment leaves the old file or the new one, never half of one; a write error (a
+    full disk) leaves the files that were there and raises :class:`RunError` naming ``path``.
+    """
     # Per-process temporary name: two runs may write the same file (a shared init cache).
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        _fault("save")
+        if previous is not None and path.exists():
+            os.replace(path, previous)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or ["?"])[0]
+        raise RunError(f"{path}: could not be written ({why}); the files already there are kept") from e
 
 
 def _evaluate(model: nn.Module, x, y, norm: Normalizer, device, cfg: TrainConfig) -> tuple[float, float]:
@@ -182,6 +243,7 @@ def _evaluate(model: nn.Module, x, y, norm: Normalizer, device, cfg: TrainConfig
             if cfg.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             out = model(xb).float()
+            _fault("eval")
             yb = yb.to(device)
             total_loss += float(F.cross_entropy(out, yb, reduction="sum"))
             correct += int((out.argmax(1) == yb).sum())
@@ -193,16 +255,45 @@ def _autocast(cfg: TrainConfig, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
 
-def _read_rows(path: Path) -> list[dict]:
+def _read_rows(path: Path, log=None) -> list[dict]:
+    """The rows of a metrics.jsonl; a corrupt line is skipped and named (through ``log``)."""
     if not path.exists():
         return []
-    rows = []
-    for line in path.read_text().splitlines():
+    rows, bad = [], []
+    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line cut by a kill: everything after it is unreliable
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError
+            rows.append(row)
+        except ValueError:
+            bad.append(i)
+    if bad and log is not None:
+        log(f"{path}: line{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} corrupt; skipped")
     return rows
+
+
+def _load_checkpoint(out: Path, device, log) -> dict | None:
+    """The newest readable checkpoint of ``out`` (checkpoint.pt, else checkpoint.prev.pt), or None if
+    there is none; an unreadable one is named in one line and passed over."""
+    present = [out / n for n in (CKPT, PREV) if (out / n).exists()]
+    reasons = []
+    for path in present:
+        try:
+            ck = load_state(path, map_location=device)
+            if not isinstance(ck, dict) or not {"model", "optimizer", "step", "wall", "rng"} <= set(ck):
+                raise RunError(f"{path}: unreadable (not a kmeansinit checkpoint)")
+        except RunError as e:
+            reasons.append(str(e).replace(f"{out}/", ""))
+            if path.name == CKPT and len(present) > 1:
+                log(f"{e}; trying the previous checkpoint")
+            continue
+        if path.name == PREV:
+            log(f"resuming from {path} (step {ck['step']})")
+        return ck
+    if present:
+        raise RunError(f"{out}: no readable checkpoint: {'; '.join(reasons)}; start the run again with a new --out")
+    return None
 
 
 class _Progress:
@@ -249,7 +340,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
     if resume:
         if not cfg_path.exists():
             raise RunError(f"{out}: no config.json here; nothing to resume")
-        saved = json.loads(cfg_path.read_text())
+        try:
+            saved = json.loads(cfg_path.read_text())
+            if not isinstance(saved, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RunError(f"{cfg_path}: corrupt ({e}); the run cannot be resumed without its configuration") from e
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         cfg = TrainConfig(**{k: v for k, v in saved.items() if k in names} | {"out": str(out)})
     elif ckpt_path.exists() or (out / "final.pt").exists():
@@ -281,15 +377,32 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
     log = _Progress(total, 0, progress and main, quiet=not main)
     start_step = 0
     wall0 = 0.0
-    if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+    pending: list[float] = []
+    ck = None
+    if resume:
+        if main:
+            for stale in out.glob("*.tmp"):  # a write cut short by a kill
+                stale.unlink(missing_ok=True)
+        # Rank 0 reads the checkpoint and every rank resumes from exactly that state: ranks that read
+        # the file themselves could see different steps (a file replaced meanwhile) and then wait on
+        # each other forever. An unreadable one stops every rank with the same line.
+        try:
+            ck = _load_checkpoint(out, "cpu", log.line) if main else None
+            err = None
+        except RunError as e:
+            ck, err = None, str(e)
+        ck, err = broadcast_object((ck, err))
+        if err:
+            raise RunError(err)
+    if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["rng"]["torch"])
         start_step, wall0 = ck["step"], ck["wall"]
+        pending = list(ck.get("losses", []))
         if main:
-            rows = [r for r in _read_rows(metrics_path) if r["step"] <= start_step]
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            rows = [r for r in _read_rows(metrics_path, log.line) if r["step"] <= start_step]
+            _write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
         log.line(f"resumed {out} at step {start_step}/{total}")
     else:
         if resume:
@@ -300,10 +413,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
                                                                        "world_size": info.world_size}, indent=2))
             metrics_path.write_text("")
         report = _cached_init(model, cfg, ds, norm, device, progress and main, main)
+        _fault("init")
         if main:
             report.save(out / "init_report.json")
             _atomic_save(model.state_dict(), out / "init.pt")
-            _save_checkpoint(ckpt_path, model, opt, 0, 0.0)
+            _save_checkpoint(out, model, opt, 0, 0.0)
         log.line(str(report).splitlines()[0])
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -319,12 +433,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
     if log.bar is not None:
         log.bar.update(start_step - log.bar.n)
     model.train()
-    interrupted = {"flag": False}
-    old_handler = signal.signal(signal.SIGINT, lambda *a: interrupted.__setitem__("flag", True))
+    # Ctrl-C and SIGTERM (what schedulers send) save a checkpoint of the current step and stop.
+    interrupted = {"flag": 0}
+    handlers = {sig: signal.signal(sig, lambda signum, frame: interrupted.__setitem__("flag", signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     t0 = time.perf_counter() - wall0
     sleep = float(os.environ.get("KMEANSINIT_TEST_STEP_SLEEP", "0"))  # lets tests kill a tiny run mid-way
-    losses = []
+    losses = pending
     last = {}
+    last_saved = start_step
     board = _tensorboard(out) if main else None
     try:
         step = start_step
@@ -340,16 +457,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
             opt.zero_grad(set_to_none=True)
             loss.backward()
             lv = loss.detach().double()
-            if info.enabled:  # every rank sees the global loss, so all stop together on NaN
-                lv = all_reduce_(lv) / info.world_size
+            stop = interrupted["flag"]
+            if info.enabled:
+                # Every rank sees the global loss and any rank's signal, so all stop at the same step.
+                both = all_reduce_(torch.stack([lv, torch.tensor(float(stop), dtype=torch.float64)]))
+                lv, stop = both[0] / info.world_size, int(both[1]) and (stop or signal.SIGTERM)
             lv = float(lv)
             if not math.isfinite(lv):
                 if main:  # a grid counts a diverged run as finished (at chance): rerunning it repeats the NaN
                     (out / "diverged.json").write_text(json.dumps(dict(step=step + 1, loss=str(lv), lr=opt.param_groups[0]["lr"])))
                 raise RunError(f"{out}: loss became {lv} at step {step + 1}; the last good checkpoint "
-                               f"(step {torch.load(ckpt_path, weights_only=False)['step']}) is kept")
+                               f"(step {last_saved}) is kept")
             opt.step()
             step += 1
+            _fault("step")
             losses.append(lv)
             if sleep:
                 time.sleep(sleep)
@@ -370,22 +491,25 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
                     log.line(f"step {step}/{total} train_loss {row['train_loss']:.4f} "
                              + " ".join(f"{k}_loss {row[k + '_loss']:.4f} {k}_acc {row[k + '_acc']:.4f}" for k in shown)
                              + f" ({row['wall']:.0f}s)")
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                _write_text(metrics_path, json.dumps(row) + "\n", append=True)
                 if board is not None:
                     for key in ("train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "lr"):
                         if key in row:
                             board.add_scalar(key, row[key], step)
                     board.flush()
                 last = row
-            if main and (step % cfg.checkpoint_every == 0 or step == total or interrupted["flag"]):
+            if main and (step % cfg.checkpoint_every == 0 or step == total or stop):
                 # Metrics rows up to `step` are on disk before the checkpoint that covers them.
-                _save_checkpoint(ckpt_path, raw, opt, step, time.perf_counter() - t0)
-            if interrupted["flag"]:
-                log.line(f"interrupted at step {step}; continue with: kmeansinit train --resume {out}")
-                raise KeyboardInterrupt
+                _save_checkpoint(out, raw, opt, step, time.perf_counter() - t0, losses)
+            if step % cfg.checkpoint_every == 0 or step == total or stop:
+                last_saved = step
+            if stop:
+                name = signal.Signals(stop).name
+                log.line(f"{name} at step {step}: checkpoint saved; continue with: kmeansinit train --resume {out}")
+                raise Interrupted(stop)
     finally:
-        signal.signal(signal.SIGINT, old_handler)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         log.close()
         if board is not None:
             board.close()
@@ -404,9 +528,23 @@ def _tensorboard(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
-def _save_checkpoint(path: Path, model, opt, step: int, wall: float) -> None:
+def _save_checkpoint(out: Path, model, opt, step: int, wall: float, losses=()) -> None:
+    """checkpoint.pt, the one before it kept as checkpoint.prev.pt (a fallback if the newest is damaged).
+
+    ``losses``: the training losses since the last metrics row, so that the first row after a
+    resume averages over the same steps as in an uninterrupted run.
+    """
     _atomic_save(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step, wall=wall,
-                      rng={"torch": torch.get_rng_state()}), path)
+                      rng={"torch": torch.get_rng_state()}, losses=list(losses)), out / CKPT, previous=out / PREV)
+
+
+def _write_text(path: Path, text: str, append: bool = False) -> None:
+    """Write (or append) ``text``; a write error is one line naming the file, earlier files kept."""
+    try:
+        with open(path, "a" if append else "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise RunError(f"{path}: could not be written ({e.strerror or e}); the last checkpoint is kept") from e
 
 
 def init_key(cfg: TrainConfig, ds) -> str:
@@ -444,7 +582,7 @@ def _cached_init(model: nn.Module, cfg: TrainConfig, ds, norm: Normalizer, devic
     # Under torchrun all ranks take part in one init, so only single-process runs lock.
     with _file_lock(path.with_name(path.name + ".lock"), enabled=world()[1] == 1):
         if path.exists():
-            blob = torch.load(path, map_location=device, weights_only=False)
+            blob = load_state(path, map_location=device)
             model.load_state_dict(blob["model"])
             return InitReport.from_dict(blob["report"])
         report = _init(model, cfg, ds, norm, device, progress)
