@@ -499,3 +499,60 @@ def test_streamed_layers_use_online_passes_and_still_cluster():
     kmeans_init_(b, x, mode="layerwise", cache_bytes=0, stat_images=16, batch_size=8, preprocess="zca", pairs=True,
                  progress=False)
     assert all(torch.isfinite(m.weight).all() for m in b.modules() if isinstance(m, nn.Conv2d))
+
+
+# Bad data for the data-dependent inits: each case gives one clear ValueError naming the problem, or
+# a defined, finite result (issue "Reliability and security", item 4).
+_BAD = {
+    "constant images": (lambda: torch.zeros(32, 3, 32, 32), {"kmeans": "fewer non-zero input patches than filters",
+                                                             "lsuv": "output variance 0.0", "whitening": None}),
+    "a single image": (lambda: torch.randn(1, 3, 32, 32), "holds 1 samples; at least 2 needed"),
+    "NaN pixels": (lambda: torch.full((8, 3, 32, 32), float("nan")), "contains NaN or inf"),
+    "inf pixels": (lambda: torch.randn(8, 3, 32, 32).index_fill_(0, torch.tensor([3]), float("inf")), "contains NaN or inf"),
+    "wrong channel count": (lambda: torch.randn(8, 1, 32, 32), r"images of shape \(\d+, 1, 32, 32\) do not fit the model"),
+}
+
+
+@pytest.mark.parametrize("method", ["kmeans", "lsuv", "whitening"])
+@pytest.mark.parametrize("case", list(_BAD))
+def test_bad_images_give_one_clear_error_or_a_finite_result(method, case):
+    from kmeansinit.models import create_model
+
+    make, expect = _BAD[case]
+    expect = expect.get(method) if isinstance(expect, dict) else expect
+    model = create_model("resnet20", width=0.25)
+    opts = dict(progress=False, steps=1) if method == "kmeans" else {}
+    if expect is None:
+        initialize_(model, method, make(), **opts)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    else:
+        with pytest.raises(ValueError, match=expect):
+            initialize_(model, method, make(), **opts)
+
+
+def test_fewer_patches_than_filters_is_named():
+    model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU())
+    with pytest.raises(ValueError, match=r"layer 0: 18 input patches for 64 filters per bank; give more images"):
+        initialize_(model, "kmeans-layerwise", torch.randn(2, 3, 5, 5), progress=False)
+
+
+@pytest.mark.parametrize("method", ["kmeans", "kmeans-joint", "lsuv", "whitening"])
+def test_model_without_layers_bf16_models_and_frozen_parameters(method):
+    from kmeansinit.models import create_model
+
+    opts = dict(progress=False, steps=1) if method.startswith("kmeans") else {}
+    if method == "kmeans-joint":
+        opts["refine_steps"] = 1
+    with pytest.raises(ValueError, match="has no supported conv"):
+        initialize_(nn.Sequential(nn.Flatten(), nn.ReLU()), method, torch.randn(8, 3, 4, 4), **opts)
+    images = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    half = create_model("resnet20", width=0.25).to(torch.bfloat16)
+    initialize_(half, method, images.bfloat16(), **opts)
+    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p.float()).all() for p in half.parameters())
+    frozen = create_model("resnet20", width=0.25)
+    before = frozen.conv1.weight.detach().clone()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    initialize_(frozen, method, images, **opts)
+    assert not any(p.requires_grad for p in frozen.parameters())  # left as they were
+    assert not torch.equal(frozen.conv1.weight, before)  # and still initialized

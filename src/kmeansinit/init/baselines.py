@@ -92,7 +92,8 @@ def lsuv_(model: nn.Module, images: Tensor, *, tol: float = 0.1, max_iters: int 
     with torch.no_grad():
         for m in layers.values():
             flat = m.weight.view(m.weight.shape[0], -1)
-            q = torch.empty(flat.shape, dtype=flat.dtype)
+            # float32: the QR behind orthogonal_ has no bf16/fp16 kernel; copy_ casts back.
+            q = torch.empty(flat.shape, dtype=torch.float32)
             nn.init.orthogonal_(q, generator=generator)
             flat.copy_(q)
             if m.bias is not None:
