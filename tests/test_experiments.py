@@ -225,3 +225,35 @@ def test_fair_report_tables_and_verdict(tmp_path):
     # Welch: se = sqrt(2 * 0.01^2 / 3), df = 4, t = 2.776: 15.0 +/- 2.3 points.
     assert "+15.0 points on validation (95% CI of the difference [+12.7, +17.3]): ahead it." in text
     assert (tmp_path / "fair" / "lr_sweep.png").stat().st_size > 1000
+
+
+def test_sigterm_to_a_grid_stops_its_cells_with_checkpoints(fake_cifar10, tmp_path):
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "g"
+    script = (
+        "import sys; from kmeansinit.experiments import build_grid, run_grid; from kmeansinit.cli import main\n"
+        f"cells = build_grid('table2', out={str(out)!r}, schedule='tiny', data={str(fake_cifar10)!r}, "
+        "extra=dict(width=0.25, batch_size=8, iterations=40))[:4:2]\n"
+        "try:\n    run_grid(cells, jobs=2)\nexcept KeyboardInterrupt as e:\n    sys.exit(128 + e.signum)\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", KMEANSINIT_TEST_STEP_SLEEP="0.3")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cks = [out / name / "s0" / "checkpoint.pt" for name in ("normal-sgd", "xavier-sgd")]
+    deadline = time.time() + 120
+    while time.time() < deadline and not all(p.exists() for p in cks):
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, text
+    assert text.count("stopped (checkpoint saved") == 2
+    steps = [torch.load(p, weights_only=True)["step"] for p in cks]
+    assert all(0 < s < 40 for s in steps)  # each cell checkpointed mid-run and stopped
+    assert "SIGTERM at step" in (cks[0].parent / "train.log").read_text()
+    cells = build_grid("table2", out=out, schedule="tiny", data=str(fake_cifar10),
+                       extra=dict(width=0.25, batch_size=8, iterations=40))[:4:2]
+    logs = []
+    assert run_grid(cells, jobs=2, log=logs.append) == [] and all(c.done for c in cells)
+    assert sum("resuming" in line for line in logs) == 2

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -223,6 +224,22 @@ def run_grid(cells: list[Cell], *, jobs: int = 1, dry_run: bool = False, log=pri
     log(f"{len(cells)} cells, {len(cells) - len(todo)} finished, {len(todo)} to run ({jobs} at a time)")
     threads = max(1, (os.cpu_count() or 1) // jobs)
     failed = []
+    live: dict[int, subprocess.Popen] = {}
+    stop = {"signal": 0}
+
+    def forward(signum, frame):
+        # Ctrl-C or a scheduler's SIGTERM: each running cell checkpoints its current step and exits;
+        # no new cell starts. (Without this, SIGTERM would end the runner and orphan its cells.)
+        stop["signal"] = signum
+        for proc in list(live.values()):
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def one(item):
         i, c = item
@@ -232,7 +249,13 @@ def run_grid(cells: list[Cell], *, jobs: int = 1, dry_run: bool = False, log=pri
         t = time.perf_counter()
         log(f"[{i + 1}/{len(todo)}] {c.name}: {'resuming' if '--resume' in cmd else 'starting'}")
         with open(c.out / "train.log", "a") as f:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+            live[proc.pid] = proc
+            rc = proc.wait()
+            live.pop(proc.pid, None)
+        if stop["signal"]:
+            log(f"[{i + 1}/{len(todo)}] {c.name}: stopped (checkpoint saved; rerun the grid to resume)")
+            return
         if rc != 0:
             failed.append(c)
             tail = (c.out / "train.log").read_text().strip().splitlines()[-1:] or ["?"]
@@ -243,11 +266,24 @@ def run_grid(cells: list[Cell], *, jobs: int = 1, dry_run: bool = False, log=pri
     # Cells that share an init (the SGD and Adam cells of one init and seed) are not started while
     # another of them is still computing it: the second would only wait on the init cache's lock.
     pending, running = list(enumerate(todo)), {}
-    while pending or running:
+    try:
+        _schedule(pending, running, jobs, one, poll, stop)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if stop["signal"]:
+        from .train import Interrupted
+
+        raise Interrupted(stop["signal"])
+    return failed
+
+
+def _schedule(pending, running, jobs, one, poll, stop) -> None:
+    while (pending and not stop["signal"]) or running:
         for t in [t for t in running if not t.is_alive()]:
             del running[t]
         busy = {_init_group(c) for c in running.values() if not (c.out / "init.pt").exists()}
-        while len(running) < jobs:
+        while len(running) < jobs and not stop["signal"]:
             ready = next((item for item in pending if _init_group(item[1]) not in busy), None)
             if ready is None:
                 break
@@ -257,4 +293,3 @@ def run_grid(cells: list[Cell], *, jobs: int = 1, dry_run: bool = False, log=pri
             running[t] = ready[1]
             busy.add(_init_group(ready[1]))
         time.sleep(poll)
-    return failed
