@@ -310,7 +310,7 @@ def _random_scores(gen: torch.Generator):
 
 
 def _lloyd(t: _Target, inputs, space, iters: int, gen: torch.Generator, pairs: bool = False,
-           orthogonal: bool = False, online: bool = False, seeds=None) -> tuple[Tensor, int]:
+           orthogonal: bool = False, online: bool = False, seeds=None, start: Tensor | None = None) -> tuple[Tensor, int]:
     """Spherical k-means on one layer's input patches (in ``space``); returns centroids and iterations run.
 
     With ``pairs`` each filter's partner is its negative: clustering by ``|<x, c>|``, so that a ReLU
@@ -318,6 +318,7 @@ def _lloyd(t: _Target, inputs, space, iters: int, gen: torch.Generator, pairs: b
     many images) the centroids move after every chunk, to the running sums of their patches over the
     pass (mini-batch k-means with per-cluster step 1/count), so one pass does the work of many
     batch iterations; ``seeds`` (a smaller set of inputs) then supplies the first and re-seeded centroids.
+    ``start``: first centroids (layer layout, in ``space``) instead of random patches (tests).
     """
     seeds = inputs if seeds is None else seeds
     partner = _partners(t) if pairs else None
@@ -325,7 +326,7 @@ def _lloyd(t: _Target, inputs, space, iters: int, gen: torch.Generator, pairs: b
     everything = torch.ones(t.filters, dtype=torch.bool, device=dev)
     rand = _random_scores(gen)
 
-    c = unit_filters(_pick_patches(t, seeds, space, everything, rand()))
+    c = unit_filters(_pick_patches(t, seeds, space, everything, rand()) if start is None else start)
     bank_offset = (torch.arange(t.banks, device=dev) * t.per_bank).reshape(1, -1, 1, 1)
     if pairs:
         c = unit_filters(c - c[partner])
