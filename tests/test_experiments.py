@@ -257,3 +257,11 @@ def test_sigterm_to_a_grid_stops_its_cells_with_checkpoints(fake_cifar10, tmp_pa
     logs = []
     assert run_grid(cells, jobs=2, log=logs.append) == [] and all(c.done for c in cells)
     assert sum("resuming" in line for line in logs) == 2
+
+
+@pytest.mark.parametrize("grid", ["study", "screen", "fair"])
+def test_fixed_schedule_grids_refuse_schedule_options(grid, tmp_path, capsys):
+    for extra in (["--schedule", "paper"], ["--iterations", "100"]):
+        assert main(["reproduce", grid, "--out", str(tmp_path / "g"), "--dry-run", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"the {grid} grid has its own fixed schedule" in err[0]

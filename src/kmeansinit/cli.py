@@ -101,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     r = sub.add_parser("reproduce", help="run one of the paper's grids and write its report")
     r.add_argument("grid", choices=["table2", "table3", "ablation", "study", "screen", "fair"])
-    r.add_argument("--schedule", choices=["paper", "short", "tiny"], default="short",
-                   help="paper: 75,000 iterations; short: 1,200 (see README)")
+    r.add_argument("--schedule", choices=["paper", "short", "tiny"], default=None,
+                   help="table2/table3/ablation: paper (75,000 iterations) or short (1,200, the default)")
     r.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 1; fair: 3 for the final runs)")
     r.add_argument("--iterations", type=int, default=None,
                    help="override the schedule's iteration count (lr still halves at 2/3)")
@@ -135,6 +135,8 @@ def main(argv=None) -> int:
                 cfg.out = args.resume
             last = train(cfg, resume=bool(args.resume), progress=not args.quiet)
             print(json.dumps(last))
+        elif args.command == "reproduce" and args.grid in ("study", "screen", "fair") and (args.schedule or args.iterations):
+            raise ValueError(f"the {args.grid} grid has its own fixed schedule; --schedule and --iterations do not apply to it")
         elif args.command == "reproduce" and args.grid == "fair":
             from .fair import FAIR_ARCHS, run_fair
 
@@ -150,6 +152,8 @@ def main(argv=None) -> int:
             from .report import write_report
 
             out = args.out or f"runs/{args.grid}"
+            if args.schedule is None:
+                args.schedule = "short"
             cells = build_grid(args.grid, out=out, schedule=args.schedule, seeds=args.seeds or 1, data=args.data,
                                init=args.init, extra=None if args.iterations is None else dict(iterations=args.iterations))
             failed = run_grid(cells, jobs=args.jobs, dry_run=args.dry_run)

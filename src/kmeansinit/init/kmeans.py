@@ -550,7 +550,7 @@ def kmeans_init_(
             the forward pass but sets the effective learning rate, ``lr / ||w||^2``.
         preprocess: ``"none"`` (the paper), ``"center"`` (subtract each layer's per-channel input mean
             before clustering) or ``"zca"`` (per-patch mean/contrast normalization and ZCA whitening, as
-            Coates & Ng and Kraehenbuehl et al.; centroids mapped back to raw-patch filters, see
+            Coates & Ng 2012; centroids mapped back to raw-patch filters, see
             :mod:`kmeansinit.init.whiten`). Applies to the Lloyd phase.
         pairs: each filter's partner (half a bank away) is its negative, so that a ReLU passes both
             signs of every cluster direction (as in the whitening init of airbench); Lloyd phase.

@@ -1,6 +1,6 @@
 """Patch spaces for k-means: raw patches, or contrast-normalized and ZCA-whitened patches mapped back.
 
-Coates & Ng (2012) and Kraehenbuehl et al. (2015) run k-means on patches ``p`` that are first
+Coates & Ng (2012) run k-means on patches ``p`` that are first
 normalized per patch, ``p' = P p / s(p)`` with ``P = I - 11^T / D`` (remove the patch mean) and
 ``s(p) = sqrt(var(p) + eps_norm)``, then ZCA-whitened, ``z = W (p' - m)`` with
 ``W = V (L + eps_zca)^(-1/2) V^T`` from the covariance of ``p'``. A centroid ``c`` found in
