@@ -111,7 +111,16 @@ def test_image_folder_decodes_and_caches(tmp_path):
     cache = root / ".kmeansinit-cache-native.pt"
     assert cache.exists()
     os.utime(root / "train" / "dog" / "0.png", (1, 1))  # older than the cache: reuse
-    assert torch.equal(load_image_folder(root).train_x, ds.train_x)
+    import PIL.Image
+
+    def no_decoding(*a, **k):
+        raise AssertionError("decoded an image although the cache is fresh")
+
+    orig, PIL.Image.open = PIL.Image.open, no_decoding
+    try:
+        assert torch.equal(load_image_folder(root).train_x, ds.train_x)  # a cache hit: nothing decoded
+    finally:
+        PIL.Image.open = orig
 
 
 def test_image_folder_errors(tmp_path):
@@ -170,3 +179,23 @@ def test_real_cifar10_copy():
     assert torch.bincount(ds.train_y).tolist() == [5000] * 10
     mean = ds.train_x.float().mean(dim=(0, 2, 3)) / 255
     assert_close(mean, torch.tensor([0.4913, 0.4821, 0.4465]), atol=2e-3, rtol=0)
+
+
+def test_flips_and_crops_move_pixels_of_real_images():
+    """Varied images (a constant one would hide a missing or wrong flip): each augmented image is
+    its source mirrored or not, cropped by a valid offset, and both kinds occur."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=g)
+    y = torch.arange(64)
+    norm = Normalizer(torch.zeros(3), torch.ones(3) / 255)  # identity on [0, 255]
+    loader = BatchLoader(x, y, 16, norm, seed=3, flip=True, crop=2)
+    flips = 0
+    for step in range(4):
+        xb, yb = loader.batch(step)
+        for img, label in zip(xb, yb):
+            src = torch.nn.functional.pad(x[label].float(), (2, 2, 2, 2))
+            found = [(f, r, c) for f in (False, True) for r in range(5) for c in range(5)
+                     if torch.allclose((src.flip(-1) if f else src)[:, r:r + 8, c:c + 8], img, atol=1e-3)]
+            assert found, "an augmented image is no flip/crop of its source"
+            flips += found[0][0]
+    assert 0 < flips < 64

@@ -82,11 +82,13 @@ def test_two_processes_match_one(fake_cifar10, tmp_path, init):
     # and between 4e-5 and 1e-2 after 6 depending on the init's exact numerics.
     torchrun(fake_cifar10, tmp_path / "ddp", extra=["--iterations", "4", "--init", init])
     single(fake_cifar10, tmp_path / "one", iterations=4, init=init)
-    for name in ("init.pt", "final.pt"):
+    # The init differs only in the order of float reductions over ranks (1e-6); 4 training steps of
+    # this chaotic tiny net grow that to about 5e-5.
+    for name, tol in (("init.pt", dict(rtol=1e-5, atol=1e-6)), ("final.pt", dict(rtol=1e-3, atol=1e-4))):
         a, b = states(tmp_path / "ddp", name), states(tmp_path / "one", name)
         for k in a:
             if a[k].is_floating_point():
-                assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=f"{name}:{k}")
+                assert_close(a[k], b[k], **tol, msg=f"{name}:{k}")
     # Only rank 0 writes: one metrics row per log point.
     rows = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == len((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()) == 2

@@ -265,3 +265,31 @@ def test_fixed_schedule_grids_refuse_schedule_options(grid, tmp_path, capsys):
         assert main(["reproduce", grid, "--out", str(tmp_path / "g"), "--dry-run", *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"the {grid} grid has its own fixed schedule" in err[0]
+
+
+def test_report_over_seeds_spread_thresholds_and_versus_he(tmp_path):
+    """Two seeds per cell, numbers chosen so every figure can be computed by hand."""
+    def run(folder, init, accs):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps(dict(init=init, optimizer="sgd", resolved_iterations=40,
+                                                            batch_size=8, lr=1e-3, weight_decay=1e-5)))
+        rows = [dict(step=10 * (i + 1), epoch=(i + 1) / 2, train_loss=1.0, wall=float(10 * (i + 1)),
+                     test_acc=a, test_loss=1.0 - a) for i, a in enumerate(accs)]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "final.pt").write_bytes(b"")
+
+    run(tmp_path / "he-sgd" / "s0", "he", [0.20, 0.30, 0.40, 0.50])
+    run(tmp_path / "he-sgd" / "s1", "he", [0.20, 0.30, 0.40, 0.52])
+    run(tmp_path / "kmeans-sgd" / "s0", "kmeans", [0.25, 0.35, 0.45, 0.60])
+    run(tmp_path / "kmeans-sgd" / "s1", "kmeans", [0.15, 0.45, 0.55, 0.64])
+    text = write_report(tmp_path).read_text()
+    # kmeans: final 62.0 ± 2.8 (sd of 0.60, 0.64); loss 0.380 ± 0.028; @1 epoch (step 20) 40.0 ± 7.1.
+    assert "| kmeans-sgd | 2 | 62.0 ± 2.8 | 0.380 ± 0.028 | 40.0 ± 7.1 |" in text
+    assert "| he-sgd | 2 | 51.0 ± 1.4 | 0.490 ± 0.014 | 30.0 ± 0.0 |" in text
+    # First step at >= 30/40/50/60/70%: kmeans seed 0 at 20/30/40/40/never, seed 1 at 20/20/30/40/never
+    # (wall = step here); He both seeds 20/30/40/never.
+    assert "| kmeans-sgd | 20 (20s) | 25 (25s) | 35 (35s) | 40 (40s) | – |" in text
+    assert "| he-sgd | 20 (20s) | 30 (30s) | 40 (40s) | – | – |" in text
+    # Versus He, on mean curves: kmeans 20.0, 40.0, 50.0, 62.0 vs He 20.0, 30.0, 40.0, 51.0: never below,
+    # worst gap +0.0; He@1ep = 30.0% at step 20, kmeans crosses 30% between step 10 (20%) and 20 (40%): 15.
+    assert "| kmeans-sgd | 4 | yes | +0.0 | 15 | 0.75 |" in text

@@ -286,9 +286,18 @@ def test_zca_space_maps_back_exactly():
     space = ZCASpace(layer, [x[:3], x[3:]])
     p = unfold_patches(x, layer)
     z = space.whiten(p)
-    # Whitened patches: identity covariance (up to eps), zero mean.
-    cov = (z - z.mean(0)).t() @ (z - z.mean(0)) / z.shape[0]
-    assert cov.diagonal().max() < 1.0 + 1e-9 and cov.diagonal()[-5:].min() > 0.5
+    # Whitened patches: covariance V L (L + eps)^-1 V^T from the normalized patches' own eigenpairs, an
+    # independent formula (so bottom eigenvectors, a wrong eps or a missing rotation all fail), off-diagonals
+    # included; in the eigenbasis the directions of large variance are whitened to about 1.
+    q = p - p.mean(1, keepdim=True)
+    q = q / torch.sqrt(q.var(1, unbiased=False, keepdim=True) + space.eps_norm)
+    vals, vecs = torch.linalg.eigh(torch.cov(q.t(), correction=0))
+    vals = vals.clamp_min(0)
+    expect = vecs @ torch.diag(vals / (vals + 1e-2 * vals.mean())) @ vecs.t()
+    cov = torch.cov(z.t(), correction=0)
+    assert_close(cov, expect, atol=1e-9, rtol=1e-7)
+    top = vecs[:, -5:]
+    assert (top.t() @ cov @ top).diagonal().min() > 0.9 and not torch.allclose(cov, torch.eye(27, dtype=torch.double))
     c = torch.randn(6, 3, 3, 3, dtype=torch.double)
     w = space.to_raw(c).flatten(1)
     pn = p - p.mean(1, keepdim=True)
@@ -457,8 +466,14 @@ def test_orthogonal_option_gives_orthonormal_banks_closest_to_centroids(pairs):
     layer = nn.Conv2d(3, 4, 3, bias=False)
     w = torch.randn(4, 3, 3, 3)
     o = orthogonalize_banks(_target("c", layer), w)
+    flat = o.flatten(1)
+    assert_close(flat @ flat.t(), torch.eye(4), atol=1e-5, rtol=0)  # an unchanged w would fail here
+    # The nearest orthonormal rows to W are its polar factor (W W^T)^(-1/2) W, computed independently.
+    wf = w.flatten(1).double()
+    e, v = torch.linalg.eigh(wf @ wf.t())
+    assert_close(flat.double(), v @ torch.diag(e.rsqrt()) @ v.t() @ wf, atol=1e-5, rtol=1e-5)
     q, _ = torch.linalg.qr(torch.randn(27, 4))
-    assert (o - w).norm() <= (q.t().reshape(4, 3, 3, 3) - w).norm()
+    assert (o - w).norm() < (q.t().reshape(4, 3, 3, 3) - w).norm()
 
 
 def test_fast_solver_reaches_the_paper_recipes_joint_objective():
@@ -556,3 +571,36 @@ def test_model_without_layers_bf16_models_and_frozen_parameters(method):
     initialize_(frozen, method, images, **opts)
     assert not any(p.requires_grad for p in frozen.parameters())  # left as they were
     assert not torch.equal(frozen.conv1.weight, before)  # and still initialized
+
+
+def test_presets_apply_their_options():
+    """initialize_ with a preset runs kmeans_init_ with the preset's options (and an explicit one wins)."""
+    from kmeansinit.init import PRESETS, fans
+
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.Conv2d(8, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+    torch.manual_seed(0)
+    x = images(16, size=8)
+    for name in ("kmeans", "kmeans-he-norm", "kmeans-joint", "kmeans-layerwise"):
+        model = net()
+        opts = dict(progress=False, steps=1) | (dict(refine_steps=1) if name == "kmeans-joint" else {})
+        rep = initialize_(model, name, x, **opts)
+        for key, value in PRESETS[name].items():
+            if key != "steps":
+                assert rep.options[key] == value, (name, key)
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        norms = torch.cat([m.weight.detach().flatten(1).norm(dim=1) for m in convs])
+        if name == "kmeans":  # pairs and the Xavier norm, as the preset says
+            for m in convs:
+                w = m.weight.detach().flatten(1)
+                h = w.shape[0] // 2
+                assert_close(w[h:], -w[:h])
+                fi, fo = fans(m)
+                assert_close(w.norm(dim=1), torch.full((w.shape[0],), (2 * fi / (fi + fo)) ** 0.5))
+        elif name == "kmeans-he-norm":
+            assert_close(norms, torch.full_like(norms, 2 ** 0.5))
+    rep = initialize_(net(), "kmeans", x, scale="unit", progress=False, steps=1)
+    assert rep.options["scale"] == "unit"

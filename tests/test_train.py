@@ -121,6 +121,32 @@ def test_compile_option_trains(fake_cifar10, tmp_path):
     assert math.isfinite(last["train_loss"]) and (tmp_path / "r" / "final.pt").exists()
 
 
+def test_metrics_reach_tensorboard_writer(fake_cifar10, tmp_path, monkeypatch):
+    """Runs in CI without tensorboard: a stand-in writer records what train() logs."""
+    import kmeansinit.train as T
+
+    logged = []
+
+    class Writer:
+        def add_scalar(self, key, value, step):
+            logged.append((key, step, value))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            logged.append(("closed", None, None))
+
+    monkeypatch.setattr(T, "_tensorboard", lambda out: Writer())
+    train(tiny(fake_cifar10, tmp_path / "r"), progress=False)
+    rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert ("train_loss", r["step"], r["train_loss"]) in logged and ("lr", r["step"], r["lr"]) in logged
+        if "test_acc" in r:
+            assert ("test_acc", r["step"], r["test_acc"]) in logged
+    assert logged[-1][0] == "closed"
+
+
 def test_tensorboard_events_when_installed(fake_cifar10, tmp_path):
     pytest.importorskip("tensorboard")
     train(tiny(fake_cifar10, tmp_path / "r"), progress=False)
@@ -205,3 +231,22 @@ def test_recipe_fills_only_what_the_user_did_not_give():
     assert (z.lr, z.nesterov, z.weight_decay, z.crop, z.lr_schedule) == (0.1, False, 1e-4, 4, "step")
     a = cfg("--model", "resnet20", "--optimizer", "adam")
     assert (a.lr, a.nesterov) == (1e-3, False)
+
+
+def test_init_cache_hit_does_not_run_the_init(fake_cifar10, tmp_path, monkeypatch):
+    import kmeansinit.train as T
+
+    calls = []
+    real = T.initialize_
+    monkeypatch.setattr(T, "initialize_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = dict(init="kmeans", init_options=dict(steps=1), init_cache=str(tmp_path / "cache"))
+    train(tiny(fake_cifar10, tmp_path / "a", **kw), progress=False)
+    assert calls == [1]
+    # Same init key, another run (other optimizer): loaded, never computed; same weights.
+    train(tiny(fake_cifar10, tmp_path / "b", optimizer="adam", **kw), progress=False)
+    assert calls == [1]
+    a, b = (torch.load(tmp_path / r / "init.pt", weights_only=True) for r in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Another seed is another key: computed.
+    train(tiny(fake_cifar10, tmp_path / "c", seed=1, **kw), progress=False)
+    assert calls == [1, 1]
