@@ -604,3 +604,25 @@ def test_presets_apply_their_options():
             assert_close(norms, torch.full_like(norms, 2 ** 0.5))
     rep = initialize_(net(), "kmeans", x, scale="unit", progress=False, steps=1)
     assert rep.options["scale"] == "unit"
+
+
+def test_zca_eps_reaches_the_whitening(monkeypatch):
+    from kmeansinit.init import whiten
+
+    seen = []
+    real = whiten.ZCASpace.__init__
+
+    def spy(self, *a, **k):
+        seen.append(k.get("eps_zca"))
+        real(self, *a, **k)
+
+    monkeypatch.setattr(whiten.ZCASpace, "__init__", spy)
+    x = images(16, size=8)
+    net = lambda: nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU())  # noqa: E731
+    a, b = net(), net()
+    ra = initialize_(a, "kmeans", x, progress=False, steps=2)
+    rb = initialize_(b, "kmeans", x, progress=False, steps=2, zca_eps=1e-4)
+    assert seen == [1e-2, 1e-4] and ra.options["zca_eps"] == 1e-2 and rb.options["zca_eps"] == 1e-4
+    assert not torch.allclose(a[0].weight, b[0].weight)
+    with pytest.raises(ValueError, match="zca_eps must be > 0"):
+        initialize_(net(), "kmeans", x, progress=False, zca_eps=0)

@@ -510,6 +510,7 @@ def kmeans_init_(
     stream_passes: int = 1,
     stat_images: int = 4096,
     stat_patches: int | None = 2**18,
+    zca_eps: float = 1e-2,
     seed: int = 0,
     progress: bool = True,
     unsupported: str = "skip",
@@ -570,6 +571,9 @@ def kmeans_init_(
             this many patches (a random, seeded share of every chunk; ``None``: all). 2**18 rows
             estimate a covariance of PaperNet's largest patch dimension (1,936) to a few percent,
             below the ``eps_zca`` regularization, at a fraction of the cost of all patches.
+        zca_eps: ``preprocess="zca"``'s regularizer, relative to the mean eigenvalue of the patch
+            covariance: ``W = V (L + zca_eps * mean(L))^(-1/2) V^T``. Smaller values whiten the
+            weakest (highest-frequency) directions more.
         seed: seeds every random choice; same seed and images give the same weights.
         progress: show a progress bar.
         unsupported: what to do with a layer these options cannot cluster (``preprocess="zca"`` on a
@@ -602,6 +606,8 @@ def kmeans_init_(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if cosine_weight < 0:
         raise ValueError(f"cosine_weight must be >= 0, got {cosine_weight}")
+    if not zca_eps > 0:
+        raise ValueError(f"zca_eps must be > 0, got {zca_eps}")
     if unsupported not in ("skip", "error"):
         raise ValueError(f"unsupported must be 'skip' or 'error', got {unsupported!r}")
     images = check_images(images, min_count=2)
@@ -627,7 +633,8 @@ def kmeans_init_(
     options = dict(mode=mode, solver=solver, steps=steps, refine_steps=refine_steps, batch_size=batch_size,
                    accumulate=accumulate,
                    lr=lr, momentum=momentum, cosine_weight=cosine_weight, reduction=reduction, scale=scale,
-                   preprocess=preprocess, pairs=pairs, orthogonal=orthogonal, renormalize=renormalize, seed=seed, images=int(images.shape[0]))
+                   preprocess=preprocess, pairs=pairs, orthogonal=orthogonal, renormalize=renormalize, seed=seed, images=int(images.shape[0]),
+                   **({"zca_eps": zca_eps} if preprocess == "zca" else {}))
 
     with preserved_state(model, keep), batchnorm_train_mode(model), torch.no_grad():
         order = forward_order(model, found, images[: min(batch_size, images.shape[0])])
@@ -673,7 +680,7 @@ def kmeans_init_(
                         if online:
                             inputs.cache_bytes = 0
                         if preprocess == "zca":
-                            space = ZCASpace(t.module, stats, max_patches=stat_patches, seed=seed)
+                            space = ZCASpace(t.module, stats, eps_zca=zca_eps, max_patches=stat_patches, seed=seed)
                         else:
                             space = RawSpace(t.module, _channel_mean(stats, t.module) if preprocess == "center" else None)
                         w, done = _lloyd(t, inputs, space, stream_passes if online else steps, gen, pairs=pairs,
