@@ -47,9 +47,9 @@ def _fmt(s, ci=False):
     return text
 
 
-def _at(rows, key, step):
-    """``key`` at the evaluation row closest to ``step`` that has it."""
-    have = [r for r in rows if key in r]
+def _at(rows, key, step, within: int):
+    """``key`` at the row closest to ``step`` that has it, if that row is within ``within`` steps."""
+    have = [r for r in rows if key in r and abs(r["step"] - step) <= within]
     if not have:
         return None
     return min(have, key=lambda r: (abs(r["step"] - step), -r["step"]))[key]
@@ -104,8 +104,8 @@ def _final_section(runs) -> list[str]:
     for g, rs in done.items():
         stats[g] = dict(
             lr=rs[0].config["lr"], n=len(rs),
-            val1=_stats([_at(r.rows, "val_acc", per_epoch) for r in rs]),
-            test1=_stats([_at(r.rows, "test_acc", per_epoch) for r in rs]),
+            val1=_stats([_at(r.rows, "val_acc", per_epoch, per_epoch // 20) for r in rs]),
+            test1=_stats([_at(r.rows, "test_acc", per_epoch, per_epoch // 20) for r in rs]),
             val=_stats([[x for x in r.rows if "val_acc" in x][-1]["val_acc"] for r in rs]),
             test=_stats([[x for x in r.rows if "test_acc" in x][-1]["test_acc"] for r in rs]),
             init_s=statistics.fmean([r.init.get("seconds", 0.0) for r in rs]),

@@ -475,7 +475,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
             if sleep:
                 time.sleep(sleep)
             log.step(f"loss {lv:.3f}")
-            is_eval = step % cfg.eval_every == 0 or step == total
+            # With a validation split the test set has its own period, which need not divide eval_every.
+            is_test = cfg.val and cfg.test_every and step % cfg.test_every == 0
+            is_eval = step % cfg.eval_every == 0 or step == total or bool(is_test)
             if main and (step % cfg.log_every == 0 or is_eval):
                 row = dict(step=step, epoch=step / loader.per_epoch, lr=opt.param_groups[0]["lr"],
                            train_loss=sum(losses) / len(losses), wall=time.perf_counter() - t0)
@@ -485,7 +487,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
                     if cfg.val:
                         row["val_loss"], row["val_acc"] = _evaluate(raw, ds.val_x, ds.val_y, norm, device, cfg)
                         shown.append("val")
-                    if not cfg.val or step == total or (cfg.test_every and step % cfg.test_every == 0):
+                    if not cfg.val or step == total or is_test:
                         row["test_loss"], row["test_acc"] = _evaluate(raw, ds.test_x, ds.test_y, norm, device, cfg)
                         shown.append("test")
                     log.line(f"step {step}/{total} train_loss {row['train_loss']:.4f} "
