@@ -36,10 +36,13 @@ def _stats(xs):
     return dict(mean=m, sd=sd, n=len(xs), lo=m - half, hi=m + half)
 
 
-def _fmt(s, ci=False):
+def _fmt(s, ci=False, of=None):
+    """mean ± sd [95% CI]; ``of``: the runs there are, so a value from fewer of them says how many."""
     if s is None:
         return "–"
     text = f"{100 * s['mean']:.1f}"
+    if of is not None and s["n"] < of:
+        text += f" ({s['n']} of {of})"
     if s["n"] > 1:
         text += f" ± {100 * s['sd']:.1f}"
         if ci:
@@ -124,8 +127,9 @@ def _final_section(runs) -> list[str]:
             secs.append(hit["wall"] + r.init.get("seconds", 0.0) if hit else None)
         it_txt = f"{statistics.fmean(its):.0f}" if all(i is not None for i in its) else f"{sum(i is not None for i in its)}/{len(its)} reached"
         s_txt = f"{statistics.fmean(secs):.0f}" if all(x is not None for x in secs) else "–"
-        lines.append(f"| {g} | {s['lr']:g} | {s['n']} | {_fmt(s['val1'])} | {_fmt(s['test1'])} | {_fmt(s['val'])} | "
-                     f"{_fmt(s['test'], ci=True)} | {it_txt} | {s_txt} |")
+        n = s["n"]
+        lines.append(f"| {g} | {s['lr']:g} | {n} | {_fmt(s['val1'], of=n)} | {_fmt(s['test1'], of=n)} | "
+                     f"{_fmt(s['val'], of=n)} | {_fmt(s['test'], ci=True, of=n)} | {it_txt} | {s_txt} |")
     base = [g for g in stats if g in BASELINES]
     if "kmeans" in stats and base:
         for when, key in (("at 1 epoch", "val1"), ("at the end", "val")):
