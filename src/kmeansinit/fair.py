@@ -114,13 +114,9 @@ def best_lrs(out, arch: str, optimizer: str, *, extend: int = 2, step: float = 4
     a = FAIR_ARCHS[arch]
     base_lrs = a.lrs[optimizer]
     found: dict[str, dict[float, float | None]] = {}
-    for c in sweep_cells(out, arch, optimizer, **kw):
+    # The swept rates with those added by earlier extensions.
+    for c in sweep_cells(out, arch, optimizer, _extra_lrs(out, arch, optimizer), **kw):
         found.setdefault(c.name.split("/")[0], {})[c.config.lr] = _final_acc(c)
-    root = Path(out) / f"{arch}-{optimizer}" / "sweep"
-    for name in found:  # rates added by earlier extensions
-        for d in (root / name).glob("lr*"):
-            lr = float(d.name[2:])
-            found[name].setdefault(lr, _final_acc(Cell(f"{name}/{d.name}", _stub(d))))
     best, more = {}, {}
     for name, accs in found.items():
         if any(v is None for v in accs.values()):
@@ -136,13 +132,6 @@ def best_lrs(out, arch: str, optimizer: str, *, extend: int = 2, step: float = 4
         else:
             best[name] = top
     return best, more
-
-
-def _stub(folder: Path):
-    class _C:  # only .out is read by _final_acc
-        out = folder
-
-    return _C()
 
 
 def final_cells(out, arch: str, optimizer: str, best: dict, *, seeds: int = 3, data: str = "../shared/data",
