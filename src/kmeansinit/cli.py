@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    failed = []  # grid cells that failed (reproduce)
     from .data import DataError
     from .train import RunError, train
 
@@ -153,9 +154,6 @@ def main(argv=None) -> int:
             failed = run_fair(out, args.arch or list(FAIR_ARCHS), args.optimizer or ("sgd", "adam"),
                               seeds=args.seeds or 3, jobs=args.jobs, dry_run=args.dry_run,
                               data=args.data, val=args.val, precision=args.precision)
-            if failed:
-                print(f"kmeansinit: error: {len(failed)} cells failed: {', '.join(c.name for c in failed)}", file=sys.stderr)
-                return 1
         elif args.command == "reproduce":
             from .experiments import build_grid, run_grid
             from .report import write_report
@@ -168,9 +166,6 @@ def main(argv=None) -> int:
             failed = run_grid(cells, jobs=args.jobs, dry_run=args.dry_run)
             if not args.dry_run:
                 print(f"report: {write_report(out, title=f'{args.grid} ({args.schedule} schedule)')}")
-            if failed:
-                print(f"kmeansinit: error: {len(failed)} cells failed: {', '.join(c.name for c in failed)}", file=sys.stderr)
-                return 1
         elif args.command == "report":
             from pathlib import Path
 
@@ -182,6 +177,9 @@ def main(argv=None) -> int:
                 from .report import write_report
 
                 print(write_report(args.dir, title=args.title))
+        if failed:
+            print(f"kmeansinit: error: {len(failed)} cells failed: {', '.join(c.name for c in failed)}", file=sys.stderr)
+            return 1
         return 0
     except KeyboardInterrupt as e:  # train saved a checkpoint first (Interrupted); 128 + signal, as shells do
         return 128 + getattr(e, "signum", 2)

@@ -13,7 +13,7 @@ import math
 import statistics
 from pathlib import Path
 
-from .report import _pyplot, collect
+from .report import _mean_sd, _pyplot, collect
 
 __all__ = ["write_fair_report"]
 
@@ -30,8 +30,7 @@ def _stats(xs):
     xs = [x for x in xs if x is not None]
     if not xs:
         return None
-    m = statistics.fmean(xs)
-    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    m, sd = _mean_sd(xs)
     half = _t95(len(xs) - 1) * sd / math.sqrt(len(xs)) if len(xs) > 1 else math.nan
     return dict(mean=m, sd=sd, n=len(xs), lo=m - half, hi=m + half)
 

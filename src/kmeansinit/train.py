@@ -500,10 +500,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
                             board.add_scalar(key, row[key], step)
                     board.flush()
                 last = row
-            if main and (step % cfg.checkpoint_every == 0 or step == total or stop):
-                # Metrics rows up to `step` are on disk before the checkpoint that covers them.
-                _save_checkpoint(out, raw, opt, step, time.perf_counter() - t0, losses)
             if step % cfg.checkpoint_every == 0 or step == total or stop:
+                if main:  # metrics rows up to `step` are on disk before the checkpoint that covers them
+                    _save_checkpoint(out, raw, opt, step, time.perf_counter() - t0, losses)
                 last_saved = step
             if stop:
                 name = signal.Signals(stop).name
