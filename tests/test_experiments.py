@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kmeansinit.cli import main
-from kmeansinit.experiments import build_grid, cell_command, run_grid
+from kmeansinit.experiments import build_grid, cell_command, finished, run_grid
 from kmeansinit.report import collect, summarize, write_report
 
 TINY = dict(width=0.25, batch_size=8, init_images=16, init_options=dict(steps=1), threads=1)
@@ -293,3 +293,20 @@ def test_report_over_seeds_spread_thresholds_and_versus_he(tmp_path):
     # Versus He, on mean curves: kmeans 20.0, 40.0, 50.0, 62.0 vs He 20.0, 30.0, 40.0, 51.0: never below,
     # worst gap +0.0; He@1ep = 30.0% at step 20, kmeans crosses 30% between step 10 (20%) and 20 (40%): 15.
     assert "| kmeans-sgd | 4 | yes | +0.0 | 15 | 0.75 |" in text
+
+
+def test_finished_results_folder_without_weights_is_skipped(fake_cifar10, tmp_path):
+    # docs/results/ keeps config.json and metrics.jsonl only: a grid pointed at such a copy must not
+    # rerun the cell, and a copy cut short (no final evaluation) or one with a checkpoint must run.
+    cells = tiny_table2(fake_cifar10, tmp_path / "grid")
+    cell = cells[4]
+    assert run_grid([cell], log=lambda *_: None) == []
+    for name in ("final.pt", "checkpoint.pt", "checkpoint.prev.pt", "init.pt"):
+        (cell.out / name).unlink(missing_ok=True)
+    assert finished(cell.out) and cell.done
+    rows = (cell.out / "metrics.jsonl").read_text().splitlines()
+    (cell.out / "metrics.jsonl").write_text("\n".join(rows[:-1]) + "\n")
+    assert not finished(cell.out)
+    (cell.out / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+    (cell.out / "checkpoint.pt").write_bytes(b"")
+    assert not finished(cell.out)

@@ -1,6 +1,6 @@
 """The paper's experiment grids as lists of ``TrainConfig`` cells, and a runner that resumes them.
 
-Each cell is an ordinary run folder ``OUT/<cell name>``; a finished one (``final.pt``) is skipped and
+Each cell is an ordinary run folder ``OUT/<cell name>``; a finished one (:func:`finished`) is skipped and
 a started one resumed, so an interrupted grid picks up where it stopped. Cells run as
 ``python -m kmeansinit train ...`` subprocesses, the same command lines ``--dry-run`` prints for a
 cluster scheduler. Data-dependent inits are shared through ``OUT/init-cache``: the SGD and Adam cells
@@ -20,9 +20,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .train import RECIPES, TrainConfig
+from .train import RECIPES, Interrupted, TrainConfig
 
-__all__ = ["Cell", "SCHEDULES", "GRIDS", "build_grid", "run_grid", "cell_command", "STUDY_VARIANTS"]
+__all__ = ["Cell", "SCHEDULES", "GRIDS", "build_grid", "run_grid", "cell_command", "finished", "STUDY_VARIANTS"]
 
 #: Schedules: the paper's 75,000 iterations, and a short one: 1,200 iterations (about 3 epochs), about
 #: 3.7 minutes a cell on a 2-core CPU (0.155 s a step plus 12 evaluations), so the paper's 8 cells of
@@ -84,6 +84,30 @@ SCREEN_VARIANTS = {
 }
 
 
+def finished(out: str | os.PathLike) -> bool:
+    """Whether the run in folder ``out`` completed: its ``final.pt`` exists or, for a results folder kept
+    without its weights or checkpoints (as docs/results/ commits them), ``metrics.jsonl`` holds the final
+    evaluation at the run's last step (``config.json``'s ``resolved_iterations``). A folder with a
+    checkpoint but no ``final.pt`` is resumed instead (a kill can fall between the last row and final.pt)."""
+    out = Path(out)
+    if (out / "final.pt").exists():
+        return True
+    if (out / "checkpoint.pt").exists() or (out / "checkpoint.prev.pt").exists():
+        return False
+    try:
+        last = json.loads((out / "config.json").read_text()).get("resolved_iterations")
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except (OSError, ValueError, AttributeError):
+        return False
+    for line in reversed(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a kill
+        return isinstance(row, dict) and last is not None and row.get("step") == last and "test_acc" in row
+    return False
+
+
 @dataclass
 class Cell:
     name: str
@@ -96,7 +120,7 @@ class Cell:
     @property
     def done(self) -> bool:
         """Finished, or stopped by a NaN loss (a rerun would only diverge again)."""
-        return (self.out / "final.pt").exists() or (self.out / "diverged.json").exists()
+        return finished(self.out) or (self.out / "diverged.json").exists()
 
 
 def _cell(grid_out: Path, name: str, base: dict, **kw) -> Cell:
@@ -223,6 +247,12 @@ def run_grid(cells: list[Cell], *, jobs: int = 1, dry_run: bool = False, log=pri
         return []
     log(f"{len(cells)} cells, {len(cells) - len(todo)} finished, {len(todo)} to run ({jobs} at a time)")
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    lock, say = threading.Lock(), log
+
+    def log(msg):  # the cells' threads log too: one whole line at a time
+        with lock:
+            say(msg)
+
     failed = []
     live: dict[int, subprocess.Popen] = {}
     stop = {"signal": 0}
@@ -272,8 +302,6 @@ def run_grid(cells: list[Cell], *, jobs: int = 1, dry_run: bool = False, log=pri
         for sig, handler in old.items():
             signal.signal(sig, handler)
     if stop["signal"]:
-        from .train import Interrupted
-
         raise Interrupted(stop["signal"])
     return failed
 

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .experiments import Cell, _cell, run_grid
+from .experiments import Cell, _cell, finished, run_grid
 from .train import RECIPES
 
 __all__ = ["FairArch", "FAIR_ARCHS", "FAIR_INITS", "sweep_cells", "final_cells", "best_lrs", "run_fair"]
@@ -101,7 +101,7 @@ def _final_acc(cell: Cell) -> float | None:
     """Validation accuracy at the end of a finished sweep run; 0 for one that diverged; None if unfinished."""
     if (cell.out / "diverged.json").exists():
         return 0.0
-    if not (cell.out / "final.pt").exists():
+    if not finished(cell.out):
         return None
     rows = [json.loads(x) for x in (cell.out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     vals = [r["val_acc"] for r in rows if "val_acc" in r]

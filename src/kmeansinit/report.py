@@ -32,7 +32,11 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        return (self.path / "final.pt").exists()
+        """final.pt written, or (a folder kept without weights) the final evaluation at the last step."""
+        if (self.path / "final.pt").exists():
+            return True
+        last = self.config.get("resolved_iterations")
+        return bool(self.rows) and last is not None and self.rows[-1]["step"] == last and "test_acc" in self.rows[-1]
 
     @property
     def evals(self) -> list[dict]:
@@ -375,7 +379,8 @@ def plot_filters(runs: list[Run], path: Path) -> bool:
     panels = [(f"after k-means init ({_variant(km)}, no labels)", km.path / "init.pt") for km in kms]
     if he:
         panels.append(("after He init", he.path / "init.pt"))
-    trained = [km for km in kms if km.finished] or ([he] if he and he.finished else [])
+    has_weights = lambda r: (r.path / "final.pt").exists()  # noqa: E731 (a finished run kept without weights has none)
+    trained = [km for km in kms if has_weights(km)] or ([he] if he and has_weights(he) else [])
     panels += [(f"after training ({r.group}, seed {r.seed})", r.path / "final.pt") for r in trained]
     if not panels:
         return False
