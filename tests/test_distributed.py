@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,9 +51,23 @@ ARGS = ["--width", "0.25", "--batch-size", "8", "--iterations", "12", "--checkpo
         "--sync-bn", "--quiet"]
 
 
+def launcher(out) -> list[str]:
+    """torchrun with every rank's stdout and stderr also written to ``<out>.logs/`` (read on failure)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "--log-dir", f"{out}.logs", "--redirects", "3", "--tee", "3"]
+
+
+def rank_logs(out) -> str:
+    """The tail of each rank's stderr under ``<out>.logs/``, labelled by rank: one rank's trace is
+    not cut off by another's output."""
+    parts = []
+    for f in sorted(Path(f"{out}.logs").rglob("stderr.log")):
+        parts.append(f"--- {f.relative_to(Path(f'{out}.logs'))} ---\n{f.read_text(errors='replace')[-3000:]}")
+    return "\n".join(parts) or "(no rank logs)"
+
+
 def torchrun(data, out, extra=(), env=None, wait=True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "kmeansinit", "train", "--data", str(data), "--out", str(out),
+    cmd = [*launcher(out), "-m", "kmeansinit", "train", "--data", str(data), "--out", str(out),
            *ARGS, *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", KMEANSINIT_DIST_TIMEOUT="120", **(env or {}))
     if not wait:
@@ -61,7 +76,7 @@ def torchrun(data, out, extra=(), env=None, wait=True):
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     finally:
         kill_workers(out)
-    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.returncode == 0, f"torchrun exit {r.returncode}\n{r.stderr[-2000:]}\n{rank_logs(out)}"
 
 
 def single(data, out, iterations=12, init="kmeans"):
@@ -111,14 +126,13 @@ def test_two_processes_killed_and_resumed(fake_cifar10, tmp_path):
     kill_workers(tmp_path / "cut")  # the whole job, as a scheduler kills it
     time.sleep(0.5)
     assert not (tmp_path / "cut" / "final.pt").exists()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "kmeansinit", "train", "--resume", str(tmp_path / "cut"), "--quiet"]
+    cmd = [*launcher(tmp_path / "resumed"), "-m", "kmeansinit", "train", "--resume", str(tmp_path / "cut"), "--quiet"]
     try:  # a rank out of step fails after KMEANSINIT_DIST_TIMEOUT seconds instead of hanging
         r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", KMEANSINIT_DIST_TIMEOUT="120"),
                            capture_output=True, text=True, timeout=300)
     finally:
         kill_workers(tmp_path / "cut")
-    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.returncode == 0, f"torchrun exit {r.returncode}\n{r.stderr[-2000:]}\n{rank_logs(tmp_path / 'resumed')}"
     a, b = states(tmp_path / "ref", "final.pt"), states(tmp_path / "cut", "final.pt")
     for k in a:
         assert torch.equal(a[k], b[k]), k
