@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from kmeansinit import GatedConv2d
 from kmeansinit.init._model import Taps
-from kmeansinit.init.kmeans import _LayerInputs, _lloyd, _target
+from kmeansinit.init.lloyd import lloyd
+from kmeansinit.init.targets import _LayerInputs, _target
 from kmeansinit.init.whiten import RawSpace, ZCASpace
 
 
@@ -123,7 +124,7 @@ def test_one_lloyd_step_matches_the_reference(name, space, pairs):
     with Taps(model, {"0": layer}, outputs=True) as taps, torch.no_grad():
         inputs = _LayerInputs(taps, x, "0", batch_size=5, cache_bytes=2**30)
         sp = ZCASpace(layer, inputs, max_patches=None) if space == "zca" else RawSpace(layer)
-        w, done = _lloyd(t, inputs, sp, 1, torch.Generator().manual_seed(0), pairs=pairs,
+        w, done = lloyd(t, inputs, sp, 1, torch.Generator().manual_seed(0), pairs=pairs,
                          start=c0.reshape(layer.weight.shape))
     assert done == 1
     expect = torch.zeros(k, D, dtype=torch.float64)

@@ -7,11 +7,11 @@ from torch import Tensor
 
 from .baselines import fans, he_, lsuv_, normal_, whitening_, xavier_
 from ._model import find_layers
-from .kmeans import joint_objective, kmeans_init_, scale_filters_, unsupported_reason
+from .kmeans import KMeansOptions, joint_objective, kmeans_init_, scale_filters_, unsupported_reason
 from .report import InitReport, LayerReport
 
 __all__ = [
-    "initialize_", "METHODS", "PRESETS", "DATA_FREE", "kmeans_init_", "joint_objective", "normal_", "xavier_", "he_",
+    "initialize_", "METHODS", "PRESETS", "DATA_FREE", "kmeans_init_", "KMeansOptions", "joint_objective", "normal_", "xavier_", "he_",
     "lsuv_", "whitening_", "scale_filters_", "fans", "InitReport", "LayerReport", "he_kmeans_norm_",
 ]
 
