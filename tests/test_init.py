@@ -8,7 +8,7 @@ from scipy import stats
 from torch.testing import assert_close
 
 from kmeansinit import GatedConv2d, InitReport, PaperNet, initialize_, joint_objective, kmeans_init_
-from kmeansinit.init import METHODS, fans
+from kmeansinit.init import DATA_FREE, METHODS, fans
 from kmeansinit.objectives import cosine_penalty, kmeans_objective
 
 
@@ -627,3 +627,20 @@ def test_zca_eps_reaches_the_whitening(monkeypatch):
     assert not torch.allclose(a[0].weight, b[0].weight)
     with pytest.raises(ValueError, match="zca_eps must be > 0"):
         initialize_(net(), "kmeans", x, progress=False, zca_eps=0)
+
+
+@pytest.mark.parametrize("method", ["normal", "xavier", "he", "lsuv", "whitening", "kmeans", "kmeans-he-norm"])
+def test_channels_last_models_get_the_same_init(method):
+    # Users convert models to channels-last before training (train.py does); an init must neither
+    # fail on weights without a flat view (LSUV did) nor depend on the memory layout.
+    x = images(32, size=16)
+    out = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(0)
+        model = PaperNet(width=0.5).to(memory_format=layout)
+        initialize_(model, method, x if method not in DATA_FREE else None, progress=False,
+                    **({"steps": 2} if method.startswith("kmeans") else {}))
+        out.append({k: v.contiguous() for k, v in model.state_dict().items()})
+    # Same assignments; only the order of float32 reductions differs with the layout (measured 1e-5).
+    for k in out[0]:
+        assert_close(out[0][k], out[1][k], rtol=1e-4, atol=1e-4, msg=k)

@@ -130,20 +130,20 @@ def _final_section(runs) -> list[str]:
         lines.append(f"| {g} | {s['lr']:g} | {n} | {_fmt(s['val1'], of=n)} | {_fmt(s['test1'], of=n)} | "
                      f"{_fmt(s['val'], of=n)} | {_fmt(s['test'], ci=True, of=n)} | {it_txt} | {s_txt} |")
     base = [g for g in stats if g in BASELINES]
-    if "kmeans" in stats and base:
+    for km in [g for g in sorted(stats, key=lambda g: (g != "kmeans", g)) if g.startswith("kmeans")] if base else []:
         for when, key in (("at 1 epoch", "val1"), ("at the end", "val")):
             best = max(base, key=lambda g: stats[g][key]["mean"])
-            a, b = stats["kmeans"][key], stats[best][key]
+            a, b = stats[km][key], stats[best][key]
             diff = a["mean"] - b["mean"]
             se = math.sqrt(a["sd"] ** 2 / a["n"] + b["sd"] ** 2 / b["n"])
             if a["n"] > 1 and b["n"] > 1 and se > 0:
                 df = se ** 4 / ((a["sd"] ** 2 / a["n"]) ** 2 / (a["n"] - 1) + (b["sd"] ** 2 / b["n"]) ** 2 / (b["n"] - 1))
                 half = _t95(max(1, math.floor(df))) * se
                 verdict = "ahead" if diff - half > 0 else "behind" if diff + half < 0 else "within the seed noise of"
-                lines.append(f"\n`kmeans` vs the best baseline {when} ({best}): {100 * diff:+.1f} points on validation "
+                lines.append(f"\n`{km}` vs the best baseline {when} ({best}): {100 * diff:+.1f} points on validation "
                              f"(95% CI of the difference [{100 * (diff - half):+.1f}, {100 * (diff + half):+.1f}]): {verdict} it.")
             else:
-                lines.append(f"\n`kmeans` vs the best baseline {when} ({best}): {100 * diff:+.1f} points (too few seeds for an interval).")
+                lines.append(f"\n`{km}` vs the best baseline {when} ({best}): {100 * diff:+.1f} points (too few seeds for an interval).")
     return lines
 
 

@@ -71,6 +71,7 @@ def initialize_(model: nn.Module, method: str, images: Tensor | None = None, **o
     """
     if method not in METHODS:
         raise ValueError(f"unknown init method {method!r}; valid: {', '.join(METHODS)}")
+    progress = options.pop("progress", None)  # every method takes it; only the k-means ones show a bar
     if method in _DATA_FREE:
         return _DATA_FREE[method](model, **options)
     if images is None:
@@ -82,6 +83,6 @@ def initialize_(model: nn.Module, method: str, images: Tensor | None = None, **o
         if base not in ("normal", "xavier", "he"):
             raise ValueError(f"base must be normal, xavier, he or None, got {base!r}")
         _DATA_FREE[base](model, generator=torch.Generator().manual_seed(options.get("seed", 0)))
-    report = kmeans_init_(model, images, **{**PRESETS[method], **options})
+    report = kmeans_init_(model, images, **{**PRESETS[method], **options, **({} if progress is None else {"progress": progress})})
     report.method = method
     return report

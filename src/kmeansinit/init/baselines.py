@@ -91,11 +91,11 @@ def lsuv_(model: nn.Module, images: Tensor, *, tol: float = 0.1, max_iters: int 
     keep = {f"{n}.weight" for n in layers} | {f"{n}.bias" for n in layers if layers[n].bias is not None}
     with torch.no_grad():
         for m in layers.values():
-            flat = m.weight.view(m.weight.shape[0], -1)
-            # float32: the QR behind orthogonal_ has no bf16/fp16 kernel; copy_ casts back.
-            q = torch.empty(flat.shape, dtype=torch.float32)
+            # float32: the QR behind orthogonal_ has no bf16/fp16 kernel; copy_ casts back. Drawn as
+            # rows and copied by shape, so a channels-last weight (no flat view) takes it too.
+            q = torch.empty(m.weight.shape[0], m.weight[0].numel(), dtype=torch.float32)
             nn.init.orthogonal_(q, generator=generator)
-            flat.copy_(q)
+            m.weight.copy_(q.reshape(m.weight.shape))
             if m.bias is not None:
                 m.bias.zero_()
     reps = []

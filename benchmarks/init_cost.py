@@ -1,0 +1,122 @@
+"""Init cost against training: seconds of an init on 256 images as a fraction of one training epoch.
+
+One epoch is 390 SGD steps at batch 128 (CIFAR-10's 50,000 images), timed here over ``--steps``
+steps and scaled by 390 / steps (the step cost is constant after warm-up), in the same process and
+on the same threads as the init, alternately, so drift hits both alike. Images are CIFAR-shaped
+uniform noise unless ``--data`` names a CIFAR-10 folder (the first 256 training images, normalized).
+Each init runs on a fresh model built with the same seed. With ``--profile``, where the init's time
+goes (cProfile, the k-means init's own phases: ZCA statistics, Lloyd passes, report objectives).
+
+    python benchmarks/init_cost.py [--models paper,resnet20,mobilenetv2] [--inits kmeans,lsuv] [--steps 20]
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+import torch.nn.functional as F
+
+from _common import append_results, pick_device
+
+from kmeansinit import create_model, initialize_
+
+EPOCH_STEPS = 390  # 50,000 / 128
+
+
+def images_for(a, dev) -> torch.Tensor:
+    if a.data:
+        from kmeansinit.data import Normalizer, load_dataset
+
+        ds = load_dataset("cifar10", a.data)
+        return Normalizer.fit(ds.train_x)(ds.train_x[:a.images]).to(dev)
+    g = torch.Generator().manual_seed(0)
+    return (torch.rand(a.images, 3, 32, 32, generator=g) * 2 - 1).to(dev)
+
+
+def step_seconds(model, dev, steps: int) -> float:
+    """Median seconds of one SGD step (batch 128, momentum 0.9) after 3 warm-up steps."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(128, 3, 32, 32, generator=g).to(dev).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(10, (128,), generator=g).to(dev)
+    model.train()
+    times = []
+    for i in range(3 + steps):
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    times = sorted(times[3:])
+    return times[len(times) // 2]
+
+
+def init_seconds(name: str, init: str, images, dev) -> tuple[float, object]:
+    torch.manual_seed(0)
+    m = create_model(name).to(dev).to(memory_format=torch.channels_last)
+    t = time.perf_counter()
+    rep = initialize_(m, init, images, progress=False)
+    return time.perf_counter() - t, rep
+
+
+def profile_init(name: str, init: str, images, dev, rows: int = 12) -> list[str]:
+    torch.manual_seed(0)
+    m = create_model(name).to(dev).to(memory_format=torch.channels_last)
+    pr = cProfile.Profile()
+    pr.enable()
+    initialize_(m, init, images, progress=False)
+    pr.disable()
+    st = pstats.Stats(pr, stream=io.StringIO())
+    total = max(st.total_tt, 1e-9)
+    # Cumulative time of the init's own functions (kmeansinit modules), the largest first.
+    own = [(v[3], f"{k[0].split('kmeansinit/')[-1]}:{k[2]}") for k, v in st.stats.items() if "kmeansinit/" in k[0]]
+    own.sort(reverse=True)
+    out = [f"Profile: {init} on {name} (cProfile, cumulative seconds of the init's own functions)", "",
+           "| function | seconds | share of the init |", "|---|---|---|"]
+    for cum, label in own[1:rows + 1]:  # [0] is initialize_ itself
+        out.append(f"| {label} | {cum:.2f} | {100 * cum / total:.0f}% |")
+    return out + [""]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--models", default="paper,resnet20,mobilenetv2")
+    p.add_argument("--inits", default="kmeans,kmeans-he-norm,lsuv")
+    p.add_argument("--images", type=int, default=256)
+    p.add_argument("--steps", type=int, default=20, help="training steps timed per model")
+    p.add_argument("--repeats", type=int, default=2, help="timed inits per (model, init); the median is kept")
+    p.add_argument("--data", default=None, help="a folder holding cifar-10-batches-py (default: noise images)")
+    p.add_argument("--profile", action="store_true")
+    a = p.parse_args()
+    dev = pick_device(a.device)
+    images = images_for(a, dev)
+    lines = [f"One epoch = {EPOCH_STEPS} SGD steps at batch 128 (median step over {a.steps} timed steps x {EPOCH_STEPS}); "
+             f"init on {a.images} {'CIFAR-10 training' if a.data else 'uniform-noise'} images, median of {a.repeats}.", "",
+             "| model | init | init seconds | epoch seconds | init / epoch | layers skipped |", "|---|---|---|---|---|---|"]
+    profiles = []
+    for name in a.models.split(","):
+        torch.manual_seed(0)
+        model = create_model(name).to(dev).to(memory_format=torch.channels_last)
+        for init in a.inits.split(","):
+            inits, steps = [], []
+            for _ in range(a.repeats):  # alternate init and training steps: drift hits both
+                s, rep = init_seconds(name, init, images, dev)
+                inits.append(s)
+                steps.append(step_seconds(model, dev, a.steps))
+            s_init, s_step = sorted(inits)[len(inits) // 2], sorted(steps)[len(steps) // 2]
+            epoch = s_step * EPOCH_STEPS
+            skipped = len(getattr(rep, "skipped", None) or {})
+            lines.append(f"| {name} | {init} | {s_init:.2f} | {epoch:.1f} | {s_init / epoch:.3f} | {skipped} |")
+            print(lines[-1], flush=True)
+            if a.profile and init.startswith("kmeans"):
+                profiles += profile_init(name, init, images, dev)
+    append_results(f"Init cost against one training epoch ({dev.type}, {a.images} images)", dev, lines + [""] + profiles)
+
+
+if __name__ == "__main__":
+    main()
