@@ -223,7 +223,9 @@ def test_fair_report_tables_and_verdict(tmp_path):
     # Target = lowest final mean val accuracy (he: 46.0%): kmeans reaches it at step 10 (10 s + 3 s init).
     assert "| kmeans | 0.04 | 3 | 51.0 ± 1.0 | 49.0 ± 1.0 | 61.0 ± 1.0 | 59.0 ± 1.0 [56.5, 61.5] | 10 | 13 |" in text
     # Welch: se = sqrt(2 * 0.01^2 / 3), df = 4, t = 2.776: 15.0 +/- 2.3 points.
-    assert "+15.0 points on validation (95% CI of the difference [+12.7, +17.3]): ahead it." in text
+    # p = 2 * P(T_4 > 15 / 0.8165) = 5.1e-5, so it prints as 0.000.
+    assert ("`kmeans` vs the best baseline at the end (he): +15.0 points (95% CI of the difference [+12.7, +17.3], "
+            "Welch p = 0.000): ahead of it.") in text
     assert (tmp_path / "fair" / "lr_sweep.png").stat().st_size > 1000
 
 
@@ -310,3 +312,17 @@ def test_finished_results_folder_without_weights_is_skipped(fake_cifar10, tmp_pa
     (cell.out / "metrics.jsonl").write_text("\n".join(rows) + "\n")
     (cell.out / "checkpoint.pt").write_bytes(b"")
     assert not finished(cell.out)
+
+
+def test_welch_interval_and_p_against_scipy():
+    from scipy import stats as st
+
+    from kmeansinit.report_fair import _stats, _welch
+
+    a, b = [0.612, 0.618, 0.617, 0.605], [0.594, 0.591, 0.601]
+    diff, half, p = _welch(_stats(a), _stats(b))
+    ref = st.ttest_ind(a, b, equal_var=False)
+    assert abs(p - ref.pvalue) < 1e-6
+    ci = ref.confidence_interval(0.95)
+    assert abs((diff - half) - ci.low) < 1e-6 and abs((diff + half) - ci.high) < 1e-6
+    assert _welch(_stats([0.5]), _stats(b))[1] is None  # one seed: no interval

@@ -26,6 +26,32 @@ def _t95(df: float) -> float:
     return _T95[int(df) - 1] if 1 <= df <= len(_T95) else 1.96
 
 
+def _t_sf2(t: float, df: float, n: int = 4000) -> float:
+    """Two-sided p-value of Student's t: 1 - integral of the t density over [-|t|, |t|] (Simpson)."""
+    t = abs(t)
+    if t == 0:
+        return 1.0
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    f = lambda x: c * (1 + x * x / df) ** (-(df + 1) / 2)  # noqa: E731
+    h = t / n
+    area = f(0) + f(t) + sum((4 if i % 2 else 2) * f(i * h) for i in range(1, n))
+    return max(0.0, 1 - 2 * area * h / 3)
+
+
+def _welch(a: dict, b: dict):
+    """(difference of means, half-width of its 95% interval, two-sided p) by Welch's t; None without spread."""
+    diff = a["mean"] - b["mean"]
+    se = math.sqrt(a["sd"] ** 2 / a["n"] + b["sd"] ** 2 / b["n"]) if a["n"] > 1 and b["n"] > 1 else 0.0
+    if se <= 0:
+        return diff, None, None
+    df = se ** 4 / ((a["sd"] ** 2 / a["n"]) ** 2 / (a["n"] - 1) + (b["sd"] ** 2 / b["n"]) ** 2 / (b["n"] - 1))
+    lo, hi = 0.0, 100.0  # the 97.5% quantile at this (fractional) df, so interval and p agree
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_sf2(mid, df, 400) > 0.05 else (lo, mid)
+    return diff, hi * se, _t_sf2(diff / se, df)
+
+
 def _stats(xs):
     xs = [x for x in xs if x is not None]
     if not xs:
@@ -131,19 +157,19 @@ def _final_section(runs) -> list[str]:
                      f"{_fmt(s['val'], of=n)} | {_fmt(s['test'], ci=True, of=n)} | {it_txt} | {s_txt} |")
     base = [g for g in stats if g in BASELINES]
     for km in [g for g in sorted(stats, key=lambda g: (g != "kmeans", g)) if g.startswith("kmeans")] if base else []:
-        for when, key in (("at 1 epoch", "val1"), ("at the end", "val")):
+        for when, key in (("at 1 epoch", "val1"), ("at the end", "val"), ("at the end, test", "test")):
             best = max(base, key=lambda g: stats[g][key]["mean"])
-            a, b = stats[km][key], stats[best][key]
-            diff = a["mean"] - b["mean"]
-            se = math.sqrt(a["sd"] ** 2 / a["n"] + b["sd"] ** 2 / b["n"])
-            if a["n"] > 1 and b["n"] > 1 and se > 0:
-                df = se ** 4 / ((a["sd"] ** 2 / a["n"]) ** 2 / (a["n"] - 1) + (b["sd"] ** 2 / b["n"]) ** 2 / (b["n"] - 1))
-                half = _t95(max(1, math.floor(df))) * se
-                verdict = "ahead" if diff - half > 0 else "behind" if diff + half < 0 else "within the seed noise of"
-                lines.append(f"\n`{km}` vs the best baseline {when} ({best}): {100 * diff:+.1f} points on validation "
-                             f"(95% CI of the difference [{100 * (diff - half):+.1f}, {100 * (diff + half):+.1f}]): {verdict} it.")
-            else:
-                lines.append(f"\n`{km}` vs the best baseline {when} ({best}): {100 * diff:+.1f} points (too few seeds for an interval).")
+            for other, what in ((best, "the best baseline"), ("he", "He")):
+                if other not in stats or (other == best and what == "He") or (what == "He" and best == "he"):
+                    continue
+                diff, half, p = _welch(stats[km][key], stats[other][key])
+                label = f"\n`{km}` vs {what} {when}" + (f" ({other})" if what != "He" else "")
+                if half is None:
+                    lines.append(f"{label}: {100 * diff:+.1f} points (too few seeds for an interval).")
+                    continue
+                verdict = "ahead of" if diff - half > 0 else "behind" if diff + half < 0 else "within the seed noise of"
+                lines.append(f"{label}: {100 * diff:+.1f} points (95% CI of the difference [{100 * (diff - half):+.1f}, "
+                             f"{100 * (diff + half):+.1f}], Welch p = {p:.3f}): {verdict} it.")
     return lines
 
 
@@ -164,11 +190,14 @@ def write_fair_report(root: str | Path) -> Path:
         lines += (_final_section(collect(d / "final")) if (d / "final").is_dir() else ["Final runs: not started."]) + [""]
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(sweeps), figsize=(5 * len(sweeps), 4), squeeze=False)
+    # One colour per init in every panel (each panel has the inits its sweep has run so far).
+    names = sorted({init for curves in sweeps.values() for init in curves})
+    colour = {init: f"C{i % 10}" for i, init in enumerate(names)}
     for ax, (name, curves) in zip(axes[0], sweeps.items()):
         for init, accs in sorted(curves.items()):
             if accs:
                 xs = sorted(accs)
-                ax.plot(xs, [100 * accs[x] for x in xs], marker="o", label=init)
+                ax.plot(xs, [100 * accs[x] for x in xs], marker="o", label=init, color=colour[init])
         ax.set_xscale("log")
         ax.set_title(name)
         ax.set_xlabel("learning rate")
