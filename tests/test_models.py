@@ -50,3 +50,20 @@ def test_matching_width_matches_gated_parameter_count():
 def test_bad_width():
     with pytest.raises(ValueError, match="width"):
         PaperNet(width=0)
+
+
+def test_papernet_without_batch_norm():
+    from kmeansinit import create_model
+
+    m = create_model("paper", batch_norm=False)
+    assert not any(isinstance(x, (nn.BatchNorm1d, nn.BatchNorm2d)) for x in m.modules())
+    convs = [x for x in m.modules() if isinstance(x, nn.Conv2d)]
+    assert len(convs) == 8 and all(c.bias is not None for c in convs)
+    with_bn = create_model("paper")
+    # BN's weight and bias (2 per channel) are gone; a bias per conv / hidden FC channel is added.
+    bn = sum(p.numel() for x in with_bn.modules() if isinstance(x, (nn.BatchNorm1d, nn.BatchNorm2d)) for p in x.parameters())
+    assert count_parameters(m) == count_parameters(with_bn) - bn // 2
+    y = m(torch.randn(2, 3, 32, 32))
+    assert y.shape == (2, 10) and torch.isfinite(y).all()
+    with pytest.raises(ValueError, match="paper' only"):
+        create_model("resnet20", batch_norm=False)

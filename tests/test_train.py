@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kmeansinit.cli import main
-from kmeansinit.train import RunError, TrainConfig, lr_at, train
+from kmeansinit.train import RunError, TrainConfig, lr_at, split_validation, train
 
 
 def tiny(data, out, **kw):
@@ -251,3 +251,47 @@ def test_init_cache_hit_does_not_run_the_init(fake_cifar10, tmp_path, monkeypatc
     # Another seed is another key: computed.
     train(tiny(fake_cifar10, tmp_path / "c", seed=1, **kw), progress=False)
     assert calls == [1, 1]
+
+
+def test_labels_train_on_a_balanced_subset_and_init_on_every_image(fake_cifar10, tmp_path):
+    from kmeansinit.data import load_dataset
+    from kmeansinit.train import labelled_subset
+
+    ds = load_dataset("cifar10", fake_cifar10)
+    sub = labelled_subset(split_validation(ds, 10), 20)
+    assert torch.equal(sub.train_x, labelled_subset(split_validation(ds, 10), 20).train_x)  # fixed images
+    counts = torch.bincount(sub.train_y, minlength=10)
+    have = torch.bincount(split_validation(ds, 10).train_y, minlength=10)
+    # As balanced as the classes allow: 2 of each class that has 2, the rest spread over the others.
+    assert int(counts.sum()) == 20 and bool((counts <= have).all()) and int(counts.max() - counts[have >= 3].min()) <= 1
+    assert sub.val_x.shape[0] == 10  # the validation split comes along
+    with pytest.raises(ValueError, match="labels must be between 1 and 60"):
+        labelled_subset(ds, 61)
+    # The k-means init draws from every training image, so a 16-label run starts from the same
+    # weights as a run on all labels; only training sees the subset (2 steps an epoch at batch 8).
+    kw = dict(init="kmeans", init_images=32, init_options=dict(steps=2), epochs=1, batch_size=8)
+    train(tiny(fake_cifar10, tmp_path / "all", **kw), progress=False)
+    train(tiny(fake_cifar10, tmp_path / "few", labels=16, **kw), progress=False)
+    a, b = torch.load(tmp_path / "all" / "init.pt"), torch.load(tmp_path / "few" / "init.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    cfg = json.loads((tmp_path / "few" / "config.json").read_text())
+    assert cfg["labels"] == 16 and cfg["resolved_iterations"] == 2
+    assert json.loads((tmp_path / "all" / "config.json").read_text())["resolved_iterations"] == 60 // 8
+
+
+def test_no_batch_norm_and_labels_from_the_cli_and_grid_command(fake_cifar10, tmp_path):
+    from kmeansinit.experiments import Cell, cell_command
+
+    out = tmp_path / "nobn"
+    rc = main(["train", "--data", str(fake_cifar10), "--out", str(out), "--width", "0.25", "--batch-size", "8",
+               "--iterations", "4", "--eval-every", "2", "--log-every", "2", "--init", "kmeans-he-norm",
+               "--init-images", "32", "--init-option", "steps=2", "--no-batch-norm", "--labels", "24", "--quiet"])
+    assert rc == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["batch_norm"] is False and cfg["labels"] == 24
+    state = torch.load(out / "final.pt")
+    assert not any("running_mean" in k for k in state) and all(torch.isfinite(v).all() for v in state.values())
+    # The grid's command line for such a cell spells both out.
+    cell = Cell("c", TrainConfig(data=str(fake_cifar10), out=str(tmp_path / "c"), batch_norm=False, labels=24))
+    cmd = cell_command(cell)
+    assert "--no-batch-norm" in cmd and cmd[cmd.index("--labels") + 1] == "24"

@@ -33,6 +33,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=None, help="resize image-folder images to N x N")
     p.add_argument("--crop", type=int, default=None, help="random-crop padding in pixels (paper recipe: 0, flips only; zoo: 4)")
     p.add_argument("--no-flip", dest="flip", action="store_false")
+    p.add_argument("--no-batch-norm", dest="batch_norm", action="store_false",
+                   help="PaperNet without its BN layers (where an init's scale matters)")
     p.add_argument("--model", choices=list(MODELS), default=d.model,
                    help="network (default paper: Table 1); the zoo models default to their own recipe (README)")
     p.add_argument("--gated", action="store_true", help="GatedConv2d in every conv layer larger than 1x1")
@@ -58,6 +60,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="hold out N training images (fixed seed) and evaluate on them; test only at the end")
     p.add_argument("--test-every", type=int, default=d.test_every,
                    help="with --val: also evaluate the test set every N iterations (0: at the end only)")
+    p.add_argument("--labels", type=int, default=d.labels,
+                   help="train on N labelled training images (class-balanced, the same for every run); "
+                        "data-dependent inits and the normalization still see every training image (0: all)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--iterations", type=int, default=d.iterations, help="total steps; lr halves at 2/3")
     p.add_argument("--halve-at", type=float, default=d.halve_at, help="fraction of the run after which lr halves (paper: 2/3)")

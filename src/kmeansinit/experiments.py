@@ -220,8 +220,8 @@ def cell_command(cell: Cell, python: str | None = None) -> list[str]:
         if key == "init_options":
             for k, v in value.items():
                 args += ["--init-option", f"{k}={json.dumps(v)}"]
-        elif key in ("flip", "channels_last"):
-            args.append("--no-flip" if key == "flip" else "--no-channels-last")
+        elif key in ("flip", "channels_last", "batch_norm"):
+            args.append("--no-" + key.replace("_", "-"))
         elif key == "nesterov":
             args.append("--nesterov" if value else "--no-nesterov")
         elif isinstance(value, bool):

@@ -48,6 +48,7 @@ RECIPES = {
 #: The validation split (``--val N``) is drawn with this seed, whatever the run's seed: every run
 #: of a grid holds out the same images, so their validation accuracies compare.
 VAL_SEED = 20_170_000
+LABEL_SEED = 20_110_000  # the labelled subset of --labels (Coates & Ng 2011's year, as VAL_SEED is the paper's)
 
 
 
@@ -111,6 +112,7 @@ class TrainConfig:
     model: str = "paper"  # paper | resnet20 | resnet56 | vgg11 | mobilenetv2 (kmeansinit.models.MODELS)
     gated: bool = False
     width: float = 1.0
+    batch_norm: bool = True  # False: PaperNet without BN layers (--no-batch-norm)
     # init
     init: str = "kmeans"
     init_images: int = 256  # images for data-dependent inits; 0 = the whole training set
@@ -131,6 +133,7 @@ class TrainConfig:
     epochs: float | None = None  # if set, overrides iterations
     val: int = 0  # training images held out (seed VAL_SEED) for validation; the test set is for final numbers
     test_every: int = 0  # with val: evaluate the test set every this many iterations (0: only at the end)
+    labels: int = 0  # train on this many labelled images (class-balanced, seed LABEL_SEED); 0: all. Inits see all
     # bookkeeping
     seed: int = 0
     eval_every: int = 1000
@@ -156,7 +159,8 @@ class TrainConfig:
             (self.model in MODELS, f"model must be one of {', '.join(MODELS)}, got {self.model!r}"),
             (self.lr_schedule in SCHEDULE_NAMES, f"lr_schedule must be one of {', '.join(SCHEDULE_NAMES)}, "
                                                  f"got {self.lr_schedule!r}"),
-            (self.warmup >= 0 and self.val >= 0 and self.test_every >= 0, "warmup, val and test_every must be >= 0"),
+            (self.warmup >= 0 and self.val >= 0 and self.test_every >= 0 and self.labels >= 0,
+             "warmup, val, test_every and labels must be >= 0"),
             (not (self.nesterov and self.optimizer != "sgd"), "nesterov applies to optimizer sgd only"),
             (self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}"),
             (self.init_split in ("train", "test"), f"init_split must be train or test, got {self.init_split!r}"),
@@ -201,6 +205,27 @@ def lr_at(step: int, base: float, total: int, halve_at: float = 2 / 3, schedule:
     if step < warmup:
         lr *= (step + 1) / warmup
     return lr
+
+
+def labelled_subset(ds, n: int):
+    """``ds`` with its training set cut to ``n`` labelled images, as equal a number per class as ``n``
+    allows, drawn with :data:`LABEL_SEED` (the same images for every run and seed)."""
+    if not 0 < n <= len(ds.train_y):
+        raise ValueError(f"labels must be between 1 and {len(ds.train_y)} (training images), got {n}")
+    g = torch.Generator().manual_seed(LABEL_SEED)
+    order = torch.randperm(len(ds.train_y), generator=g)
+    # Round robin over classes in a random order: class c's k-th image comes before any class's (k+1)-th.
+    rank = torch.empty_like(order)
+    y = ds.train_y[order]
+    for c in range(ds.num_classes):
+        idx = (y == c).nonzero().flatten()
+        rank[idx] = torch.arange(len(idx)) * ds.num_classes + c
+    keep = order[rank.argsort()[:n]].sort().values
+    out = dataclasses.replace(ds, train_x=ds.train_x[keep], train_y=ds.train_y[keep])
+    for name in ("val_x", "val_y"):  # a validation split (plain attributes) comes along
+        if hasattr(ds, name):
+            setattr(out, name, getattr(ds, name))
+    return out
 
 
 def split_validation(ds, n: int):
@@ -329,7 +354,8 @@ class _Progress:
 
 
 def build_model(cfg: TrainConfig, num_classes: int, in_channels: int) -> nn.Module:
-    return create_model(cfg.model, num_classes=num_classes, width=cfg.width, gated=cfg.gated, in_channels=in_channels)
+    return create_model(cfg.model, num_classes=num_classes, width=cfg.width, gated=cfg.gated, in_channels=in_channels,
+                        batch_norm=cfg.batch_norm)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, dataset=None) -> dict:
@@ -360,8 +386,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
                                                           label=cfg.label, image_size=cfg.image_size)
     if cfg.val:
         ds = split_validation(ds, cfg.val)
+    # With `labels`, training sees a labelled subset; the init and the normalization see every
+    # training image, unlabelled (semi-supervised: few labels, many images).
+    pool = ds
+    if cfg.labels:
+        ds = labelled_subset(ds, cfg.labels)
     total = cfg.resolved_iterations(len(ds.train_y))
-    norm = Normalizer.fit(ds.train_x)
+    norm = Normalizer.fit(pool.train_x)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, ds.num_classes, ds.train_x.shape[1]).to(device)
     params = [p for p in model.parameters()]
@@ -412,7 +443,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
                                                                        "normalizer": norm.state_dict(),
                                                                        "world_size": info.world_size}, indent=2))
             metrics_path.write_text("")
-        report = _cached_init(model, cfg, ds, norm, device, progress and main, main)
+        report = _cached_init(model, cfg, pool, norm, device, progress and main, main)
         _fault("init")
         if main:
             report.save(out / "init_report.json")
@@ -567,6 +598,8 @@ def init_key(cfg: TrainConfig, ds) -> str:
         fields["model"] = cfg.model
     if cfg.val:
         fields["val"] = cfg.val
+    if not cfg.batch_norm:
+        fields["batch_norm"] = False
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

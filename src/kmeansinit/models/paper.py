@@ -23,10 +23,12 @@ class PaperNet(nn.Module):
     bias because the BN right after them cancels one. ``width`` multiplies every conv and hidden width
     (rounded, at least 1): ``width=3`` is the paper's "vanilla x3"; :func:`matching_width` finds the
     width whose parameter count matches another model. ``gated=True`` uses :class:`GatedConv2d`.
+    ``batch_norm=False`` drops every BN layer (convs and hidden FC layers then carry a bias): the net
+    where an init's scale matters, since nothing renormalizes the activations.
     """
 
     def __init__(self, num_classes: int = 10, width: float = 1.0, gated: bool = False, in_channels: int = 3,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, batch_norm: bool = True) -> None:
         super().__init__()
         if width <= 0:
             raise ValueError(f"width must be > 0, got {width}")
@@ -38,17 +40,20 @@ class PaperNet(nn.Module):
         c = in_channels
         for out, k, s in CONV_SPEC:
             out = max(1, round(out * width))
-            layers += [conv(c, out, k, stride=s, padding=k // 2, bias=False, **kw), nn.BatchNorm2d(out, **kw), nn.ReLU(inplace=True)]
+            layers += [conv(c, out, k, stride=s, padding=k // 2, bias=not batch_norm, **kw)]
+            layers += [nn.BatchNorm2d(out, **kw)] if batch_norm else []
+            layers += [nn.ReLU(inplace=True)]
             c = out
         self.features = nn.Sequential(*layers)
         head: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
         for h in HIDDEN:
             h = max(1, round(h * width))
-            head += [nn.Linear(c, h, bias=False, **kw), nn.BatchNorm1d(h, **kw), nn.ReLU(inplace=True)]
+            head += [nn.Linear(c, h, bias=not batch_norm, **kw)] + ([nn.BatchNorm1d(h, **kw)] if batch_norm else [])
+            head += [nn.ReLU(inplace=True)]
             c = h
         head.append(nn.Linear(c, num_classes, **kw))
         self.classifier = nn.Sequential(*head)
-        self.num_classes, self.width, self.gated = num_classes, width, gated
+        self.num_classes, self.width, self.gated, self.batch_norm = num_classes, width, gated, batch_norm
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
