@@ -128,6 +128,8 @@ def _final_section(runs) -> list[str]:
         return ["Final runs: none finished yet."]
     any_run = next(iter(done.values()))[0]
     per_epoch = any_run.config["test_every"] or round(any_run.rows[-1]["step"] / any_run.rows[-1]["epoch"])
+    # The early column is one epoch of the full training set; with --labels that is many labelled epochs.
+    early = f"{per_epoch} it" if any_run.config.get("labels") else "1 epoch"
     stats = {}
     for g, rs in done.items():
         stats[g] = dict(
@@ -142,7 +144,7 @@ def _final_section(runs) -> list[str]:
     target = min(s["val"]["mean"] for s in stats.values())
     lines = [f"Final runs (each init at its chosen rate; {per_epoch} iterations an epoch; target validation "
              f"accuracy {100 * target:.1f}%, the lowest final mean of any init):", "",
-             "| init | lr | seeds | val @1 epoch | test @1 epoch | val @end | test @end (95% CI) | iterations to target | seconds to target (init incl.) |",
+             f"| init | lr | seeds | val @{early} | test @{early} | val @end | test @end (95% CI) | iterations to target | seconds to target (init incl.) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for g, s in sorted(stats.items(), key=lambda kv: -kv[1]["val"]["mean"]):
         its, secs = [], []
@@ -157,7 +159,7 @@ def _final_section(runs) -> list[str]:
                      f"{_fmt(s['val'], of=n)} | {_fmt(s['test'], ci=True, of=n)} | {it_txt} | {s_txt} |")
     base = [g for g in stats if g in BASELINES]
     for km in [g for g in sorted(stats, key=lambda g: (g != "kmeans", g)) if g.startswith("kmeans")] if base else []:
-        for when, key in (("at 1 epoch", "val1"), ("at the end", "val"), ("at the end, test", "test")):
+        for when, key in ((f"at {early}", "val1"), ("at the end", "val"), ("at the end, test", "test")):
             best = max(base, key=lambda g: stats[g][key]["mean"])
             for other, what in ((best, "the best baseline"), ("he", "He")):
                 if other not in stats or (other == best and what == "He") or (what == "He" and best == "he"):
