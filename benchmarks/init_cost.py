@@ -8,6 +8,7 @@ Each init runs on a fresh model built with the same seed. With ``--profile``, wh
 goes (cProfile, the k-means init's own phases: ZCA statistics, Lloyd passes, report objectives).
 
     python benchmarks/init_cost.py [--models paper,resnet20,mobilenetv2] [--inits kmeans,lsuv] [--steps 20]
+        [--variant fast:kmeans-he-norm:stat_patches=16384,steps=5]
 """
 from __future__ import annotations
 
@@ -55,12 +56,20 @@ def step_seconds(model, dev, steps: int) -> float:
     return times[len(times) // 2]
 
 
-def init_seconds(name: str, init: str, images, dev) -> tuple[float, object]:
+def init_seconds(name: str, init: str, images, dev, options=None) -> tuple[float, object]:
     torch.manual_seed(0)
     m = create_model(name).to(dev).to(memory_format=torch.channels_last)
     t = time.perf_counter()
-    rep = initialize_(m, init, images, progress=False)
+    rep = initialize_(m, init, images, progress=False, **(options or {}))
     return time.perf_counter() - t, rep
+
+
+def parse_variant(text: str) -> tuple[str, str, dict]:
+    import json
+
+    label, init, opts = (text.split(":") + [""])[:3]
+    options = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in opts.split(",") if kv)}
+    return label, init, options
 
 
 def profile_init(name: str, init: str, images, dev, rows: int = 12) -> list[str]:
@@ -92,6 +101,9 @@ def main():
     p.add_argument("--repeats", type=int, default=2, help="timed inits per (model, init); the median is kept")
     p.add_argument("--data", default=None, help="a folder holding cifar-10-batches-py (default: noise images)")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:INIT:K=V,K=V",
+                   help="an extra row: INIT with these options (JSON values), labelled NAME, e.g. "
+                        "fast:kmeans-he-norm:stat_patches=16384,steps=5")
     a = p.parse_args()
     dev = pick_device(a.device)
     images = images_for(a, dev)
@@ -102,16 +114,18 @@ def main():
     for name in a.models.split(","):
         torch.manual_seed(0)
         model = create_model(name).to(dev).to(memory_format=torch.channels_last)
-        for init in a.inits.split(","):
+        rows = [(init, init, {}) for init in a.inits.split(",")] + [parse_variant(v) for v in a.variant]
+        for label, init, options in rows:
             inits, steps = [], []
             for _ in range(a.repeats):  # alternate init and training steps: drift hits both
-                s, rep = init_seconds(name, init, images, dev)
+                s, rep = init_seconds(name, init, images, dev, options)
                 inits.append(s)
                 steps.append(step_seconds(model, dev, a.steps))
             s_init, s_step = sorted(inits)[len(inits) // 2], sorted(steps)[len(steps) // 2]
             epoch = s_step * EPOCH_STEPS
             skipped = len(getattr(rep, "skipped", None) or {})
-            lines.append(f"| {name} | {init} | {s_init:.2f} | {epoch:.1f} | {s_init / epoch:.3f} | {skipped} |")
+            shown = init if label == init else f"{label}: {init} {options}"
+            lines.append(f"| {name} | {shown} | {s_init:.2f} | {epoch:.1f} | {s_init / epoch:.3f} | {skipped} |")
             print(lines[-1], flush=True)
             if a.profile and init.startswith("kmeans"):
                 profiles += profile_init(name, init, images, dev)

@@ -644,3 +644,19 @@ def test_channels_last_models_get_the_same_init(method):
     # Same assignments; only the order of float32 reductions differs with the layout (measured 1e-5).
     for k in out[0]:
         assert_close(out[0][k], out[1][k], rtol=1e-4, atol=1e-4, msg=k)
+
+
+def test_zca_float32_eigh_whitens_like_float64():
+    # The float32 eigendecomposition (a speed option) must give the same whitening to well below the
+    # regularizer: W within 1e-4 of the float64 one, relative to its largest entry.
+    from kmeansinit.init.whiten import ZCASpace
+
+    torch.manual_seed(0)
+    layer = nn.Conv2d(8, 16, 5)
+    chunks = [torch.randn(16, 8, 12, 12) * torch.linspace(0.2, 3, 8).reshape(1, 8, 1, 1) for _ in range(3)]
+    a = ZCASpace(layer, chunks)
+    b = ZCASpace(layer, chunks, eigh_dtype=torch.float32)
+    assert (a.W - b.W).abs().max() < 1e-4 * a.W.abs().max()
+    assert not torch.equal(a.W, b.W)  # it did run in float32
+    with pytest.raises(ValueError, match="zca_eigh"):
+        kmeans_init_(nn.Sequential(layer), chunks[0], mode="layerwise", preprocess="zca", zca_eigh="float16")

@@ -150,7 +150,8 @@ def _lloyd_phase(taps, images, targets, reports, weights, o: KMeansOptions, gen,
         if online:
             inputs.cache_bytes = 0
         if o.preprocess == "zca":
-            space = ZCASpace(t.module, stats, eps_zca=o.zca_eps, max_patches=o.stat_patches, seed=o.seed)
+            space = ZCASpace(t.module, stats, eps_zca=o.zca_eps, max_patches=o.stat_patches, seed=o.seed,
+                             eigh_dtype=getattr(torch, o.zca_eigh))
         else:
             space = RawSpace(t.module, _channel_mean(stats, t.module) if o.preprocess == "center" else None)
         if online:
