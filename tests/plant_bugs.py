@@ -13,6 +13,7 @@ M = [
  ("kmeans preset drops its pairs", "src/kmeansinit/init/__init__.py", '"kmeans": dict(mode="layerwise", solver="lloyd", preprocess="zca", pairs=True, scale="xavier")', '"kmeans": dict(mode="layerwise", solver="lloyd", preprocess="zca", pairs=False, scale="xavier")', "tests/test_init.py::test_presets_apply_their_options"),
  ("init cache never hit", "src/kmeansinit/train.py", "        if path.exists():\n            blob = load_state", "        if False:\n            blob = load_state", "tests/test_train.py::test_init_cache_hit_does_not_run_the_init"),
  ("flips never applied", "src/kmeansinit/data.py", "x.flip(-1), x)", "x, x)", "tests/test_data.py::test_flip_batch_is_mirror_image tests/test_data.py::test_flips_and_crops_move_pixels_of_real_images"),
+ ("online pass never moves its centroids", "src/kmeansinit/init/lloyd.py", "moving = torch.where(_expand(run.flatten(1).norm(dim=1) > _EPS, moving), unit_filters(run), moving)", "moving = moving", "tests/test_kmeans_reference.py -k online"),
  ("report sd is the population sd", "src/kmeansinit/report.py", "(statistics.stdev(xs) if len(xs) > 1 else 0.0)", "(statistics.pstdev(xs) if len(xs) > 1 else 0.0)", "tests/test_experiments.py -k report"),
 ]
 rows = []

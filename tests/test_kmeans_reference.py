@@ -144,3 +144,40 @@ def test_reference_catches_a_wrong_assignment():
     z = torch.randn(200, 5, dtype=torch.float64)
     c = F.normalize(torch.randn(4, 5, dtype=torch.float64), dim=1)
     assert not torch.allclose(ref_step(z, c, False), ref_step(z, c.roll(1, dims=1), False))
+
+
+@pytest.mark.parametrize("pairs", [False, True])
+def test_one_online_pass_matches_the_reference(pairs):
+    """The streaming solver (lloyd_online): chunk by chunk, assign with the centroids of the running
+    sums so far, then the pass's new centroids from all its sums. Written out on unfold patches."""
+    from kmeansinit.init.lloyd import lloyd_online
+
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 6, 3, padding=1).double()
+    x = torch.randn(12, 3, 8, 8, dtype=torch.float64)
+    t = _target("0", layer)
+    k = layer.weight.shape[0]
+    gen = torch.Generator().manual_seed(1)
+    P = ref_patches(x, layer)[0]  # (R, D), image-major: each 5-image chunk is a block of rows
+    pick = F.normalize(P[torch.randperm(P.shape[0], generator=gen)[:k // 2 if pairs else k]], dim=1)
+    c0 = torch.cat([pick, -pick]) if pairs else pick
+    with Taps(nn.Sequential(layer), {"0": layer}, outputs=True) as taps, torch.no_grad():
+        inputs = _LayerInputs(taps, x, "0", batch_size=5, cache_bytes=0)  # recomputed: the streaming case
+        w, done = lloyd_online(t, inputs, RawSpace(layer), 1, torch.Generator().manual_seed(0), pairs=pairs,
+                               start=c0.reshape(layer.weight.shape))
+    assert done == 1
+    per_image = P.shape[0] // x.shape[0]
+    sums, moving = torch.zeros_like(c0), c0.clone()
+    for lo in range(0, x.shape[0], 5):
+        z = P[lo * per_image:min(lo + 5, x.shape[0]) * per_image]
+        best = (z @ moving.t()).argmax(dim=1)
+        sums.index_add_(0, best, z)
+        run = torch.cat([sums[:k // 2] - sums[k // 2:], sums[k // 2:] - sums[:k // 2]]) if pairs else sums
+        moving = torch.where(run.norm(dim=1, keepdim=True) > 1e-8, F.normalize(run, dim=1), moving)
+    expect = F.normalize(torch.cat([sums[:k // 2] - sums[k // 2:], sums[k // 2:] - sums[:k // 2]]) if pairs else sums, dim=1)
+    torch.testing.assert_close(w.reshape(k, -1), expect, rtol=1e-9, atol=1e-9)
+    # Not the batch step: assignments that follow the running sums differ from the batch's.
+    batch = F.normalize(torch.zeros_like(c0).index_add_(0, (P @ c0.t()).argmax(dim=1), P), dim=1)
+    if pairs:
+        batch = F.normalize(torch.cat([batch[:k // 2] - batch[k // 2:], batch[k // 2:] - batch[:k // 2]]), dim=1)
+    assert not torch.allclose(batch, expect)
