@@ -162,7 +162,7 @@ def _final_section(runs) -> list[str]:
         for when, key in ((f"at {early}", "val1"), ("at the end", "val"), ("at the end, test", "test")):
             best = max(base, key=lambda g: stats[g][key]["mean"])
             for other, what in ((best, "the best baseline"), ("he", "He")):
-                if other not in stats or (other == best and what == "He") or (what == "He" and best == "he"):
+                if other not in stats or (what == "He" and best == "he"):  # He is the best baseline: said once
                     continue
                 diff, half, p = _welch(stats[km][key], stats[other][key])
                 label = f"\n`{km}` vs {what} {when}" + (f" ({other})" if what != "He" else "")

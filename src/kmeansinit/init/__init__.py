@@ -83,6 +83,8 @@ def initialize_(model: nn.Module, method: str, images: Tensor | None = None, **o
         if base not in ("normal", "xavier", "he"):
             raise ValueError(f"base must be normal, xavier, he or None, got {base!r}")
         _DATA_FREE[base](model, generator=torch.Generator().manual_seed(options.get("seed", 0)))
-    report = kmeans_init_(model, images, **{**PRESETS[method], **options, **({} if progress is None else {"progress": progress})})
+    if progress is not None:
+        options["progress"] = progress
+    report = kmeans_init_(model, images, **{**PRESETS[method], **options})
     report.method = method
     return report

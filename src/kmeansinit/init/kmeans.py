@@ -22,7 +22,6 @@ gradient solver in :mod:`.gradient`, patch spaces (raw, ZCA) in :mod:`.whiten`, 
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import torch
@@ -68,8 +67,7 @@ def kmeans_init_(model: nn.Module, images: Tensor, options: KMeansOptions | None
     start = time.perf_counter()
     if options is not None and not isinstance(options, KMeansOptions):
         raise ValueError(f"options must be a KMeansOptions, got {type(options).__name__}")
-    KMeansOptions.from_kwargs(**overrides)  # names an unknown option
-    o = dataclasses.replace(options or KMeansOptions(), **overrides).resolved(world()[1])
+    o = (options or KMeansOptions()).with_overrides(**overrides).resolved(world()[1])
     images = check_images(images, min_count=2)
     gen = torch.Generator().manual_seed(o.seed)
 

@@ -120,9 +120,9 @@ def _first_centroids(t: _Target, seeds, space, rand, partner, start: Tensor | No
     return unit_filters(c - c[partner]) if partner is not None else c
 
 
-def _accumulate(t: _Target, space, x: Tensor, c: Tensor, sums: Tensor, counts: Tensor) -> None:
-    """Add one chunk's assignments to ``sums`` (layer layout, in ``space``) and ``counts`` (conv layout)."""
-    bank_offset = (torch.arange(t.banks, device=c.device) * t.per_bank).reshape(1, -1, 1, 1)
+def _accumulate(t: _Target, space, x: Tensor, c: Tensor, sums: Tensor, counts: Tensor, bank_offset: Tensor) -> None:
+    """Add one chunk's assignments to ``sums`` (layer layout, in ``space``) and ``counts`` (conv layout);
+    ``bank_offset``: each bank's first filter index, shaped to the responses' bank axis."""
     r = space.responses(x, c)
     idx = r.argmax(dim=2, keepdim=True)
     # Counts per filter (conv layout) from the indices: one pass over them, not over a mask.
@@ -171,13 +171,14 @@ def _solve(t, inputs, space, iters, gen, pairs, orthogonal, seeds, start, online
     partner = _partners(t) if pairs else None
     rand = _random_scores(gen)
     c = _first_centroids(t, seeds, space, rand, partner, start)
+    bank_offset = (torch.arange(t.banks, device=c.device) * t.per_bank).reshape(1, -1, 1, 1)
     done = 0
     for _ in range(iters):
         sums = torch.zeros_like(c)
         counts = torch.zeros(t.filters, dtype=torch.float64, device=c.device)
         moving = c
         for x in inputs:
-            _accumulate(t, space, x, moving, sums, counts)
+            _accumulate(t, space, x, moving, sums, counts, bank_offset)
             if online:  # mini-batch k-means: centroids follow the pass's running sums (step 1/count)
                 run = sums - sums[partner] if pairs else sums
                 moving = torch.where(_expand(run.flatten(1).norm(dim=1) > _EPS, moving), unit_filters(run), moving)

@@ -103,14 +103,13 @@ class KMeansOptions:
     progress: bool = True
     unsupported: str = "skip"
 
-    @classmethod
-    def from_kwargs(cls, **kwargs) -> "KMeansOptions":
-        """Options from keywords, with a one-line error naming an unknown one."""
-        names = [f.name for f in dataclasses.fields(cls)]
+    def with_overrides(self, **kwargs) -> "KMeansOptions":
+        """A copy with these fields replaced, with a one-line error naming an unknown one."""
+        names = [f.name for f in dataclasses.fields(self)]
         unknown = [k for k in kwargs if k not in names]
         if unknown:
             raise ValueError(f"unknown k-means option {unknown[0]!r}; valid: {', '.join(names)}")
-        return cls(**kwargs)
+        return dataclasses.replace(self, **kwargs)
 
     def validate(self) -> None:
         """``ValueError`` naming the first option that is out of range or inconsistent."""
