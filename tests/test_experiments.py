@@ -336,3 +336,37 @@ def test_welch_interval_and_p_against_scipy():
     ci = ref.confidence_interval(0.95)
     assert abs((diff - half) - ci.low) < 1e-6 and abs((diff + half) - ci.high) < 1e-6
     assert _welch(_stats([0.5]), _stats(b))[1] is None  # one seed: no interval
+
+
+def test_stacked_grid_plans_runs_and_resumes_cells_in_stacks(fake_cifar10, tmp_path):
+    import os
+    import signal
+
+    from kmeansinit.experiments import plan_jobs
+
+    cells = tiny_table2(fake_cifar10, tmp_path / "grid")  # 5 inits x (SGD, Adam)
+    names = lambda jobs: [[c.name for c in job] for job in jobs]  # noqa: E731
+    assert names(plan_jobs(cells, 1)) == [[c.name] for c in cells]
+    sgd, adam = ([c.name for c in cells if c.config.optimizer == o] for o in ("sgd", "adam"))
+    # Cells of one optimizer stack, 3 at most, in grid order of each job's first cell.
+    assert names(plan_jobs(cells, 3)) == [sgd[:3], adam[:3], sgd[3:], adam[3:]]
+    lines = []
+    run_grid(cells, dry_run=True, log=lines.append, stack=3)
+    assert len(lines) == 4 and all(l.startswith("python -m kmeansinit stack --cell") for l in lines)
+    assert shlex.split(lines[0]).count("--cell") == 3
+    # A cell killed at step 6 (checkpoint at 4) cannot join cells that start at 0: it runs alone.
+    victim = cells[1]
+    env = dict(os.environ, KMEANSINIT_FAULT="step:6")
+    assert subprocess.run(cell_command(victim), env=env, capture_output=True).returncode == -signal.SIGKILL
+    plan = names(plan_jobs(cells, 3))
+    assert [victim.name] in plan and all(len(j) <= 3 for j in plan) and sum(map(len, plan)) == 10
+    stacked = {n for job in plan if len(job) > 1 for n in job}
+    logs = []
+    assert run_grid(cells, log=logs.append, stack=3) == []
+    assert all(c.done and (c.out / "final.pt").exists() for c in cells)
+    assert any(f"{victim.name}: resuming" in l for l in logs) and sum("stack of 3" in l and "done" in l for l in logs) == 2
+    assert len(stacked) == 8  # SGD: 3 + 2; Adam without the victim: 3 + 1 (alone)
+    for c in cells:
+        if c.name in stacked:  # a stack's output is in every member's log; each config names its stack
+            assert "stack of" in (c.out / "train.log").read_text()
+            assert str(c.out) in json.loads((c.out / "config.json").read_text())["stacked_with"]

@@ -8,7 +8,7 @@ import sys
 
 from .init import METHODS
 
-__all__ = ["main", "build_parser", "train_config_from_args"]
+__all__ = ["main", "build_parser", "train_config_from_args", "stack_configs_from_args"]
 
 
 def _option(text: str):
@@ -98,6 +98,29 @@ def train_config_from_args(a: argparse.Namespace):
     return TrainConfig(**kw)
 
 
+def stack_configs_from_args(cells: list[str]):
+    """(configs, resume flags) of ``kmeansinit stack``'s ``--cell`` strings, each parsed as ``train``'s
+    arguments; a bad one is named in the one-line error."""
+    import shlex
+
+    from .train_stacked import load_cell_config
+
+    parser = build_parser()
+    cfgs, flags = [], []
+    for i, text in enumerate(cells, 1):
+        try:
+            a = parser.parse_args(["train", *shlex.split(text)])
+        except SystemExit as e:  # argparse printed its own line about the bad argument
+            raise ValueError(f"--cell {i} ({text!r}) is not a valid set of train arguments") from e
+        if a.resume:
+            cfgs.append(load_cell_config(a.resume))
+            flags.append(True)
+        else:
+            cfgs.append(train_config_from_args(a))
+            flags.append(False)
+    return cfgs, flags
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kmeansinit", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -105,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(t)
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (other options are ignored)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    s = sub.add_parser("stack", help="train several runs of one model shape and optimizer as one stacked model")
+    s.add_argument("--cell", action="append", required=True, metavar="TRAIN_ARGS",
+                   help="one run's `kmeansinit train` arguments as one quoted string, e.g. "
+                        "\"--init he --seed 1 --out runs/a\" or \"--resume runs/a\" (repeat per cell)")
+    s.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
     r = sub.add_parser("reproduce", help="run one of the paper's grids and write its report")
     r.add_argument("grid", choices=["table2", "table3", "ablation", "study", "screen", "fair"])
     r.add_argument("--schedule", choices=["paper", "short", "tiny"], default=None,
@@ -117,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--init", default=None, help="table3: the init of every cell (default he)")
     r.add_argument("--jobs", type=int, default=1, help="cells run in parallel processes")
     r.add_argument("--dry-run", action="store_true", help="print each cell's kmeansinit train command")
+    r.add_argument("--stack", type=int, default=1, metavar="N",
+                   help="train up to N cells that share a model shape and optimizer as one stacked model "
+                        "(kmeansinit stack; 1: every cell alone)")
     r.add_argument("--arch", action="append", default=None,
                    help="fair: architectures (repeatable; default all: paper, resnet20, vgg11, mobilenetv2)")
     r.add_argument("--optimizer", action="append", default=None, choices=["sgd", "adam"],
@@ -150,6 +182,14 @@ def main(argv=None) -> int:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(0)
+        elif args.command == "stack":
+            from .train_stacked import train_stacked
+
+            cfgs, flags = stack_configs_from_args(args.cell)
+            for c in cfgs:
+                c.threads = args.threads or c.threads
+            for row in train_stacked(cfgs, resume=flags, progress=not args.quiet):
+                print(json.dumps(row))
         elif args.command == "reproduce" and args.grid in ("study", "screen", "fair") and (args.schedule or args.iterations):
             raise ValueError(f"the {args.grid} grid has its own fixed schedule; --schedule and --iterations do not apply to it")
         elif args.command == "reproduce" and args.grid == "fair":
@@ -158,7 +198,7 @@ def main(argv=None) -> int:
             out = args.out or "runs/fair"
             failed = run_fair(out, args.arch or list(FAIR_ARCHS), args.optimizer or ("sgd", "adam"),
                               seeds=args.seeds or 3, jobs=args.jobs, dry_run=args.dry_run,
-                              data=args.data, val=args.val, precision=args.precision)
+                              data=args.data, val=args.val, precision=args.precision, stack=args.stack)
         elif args.command == "reproduce":
             from .experiments import build_grid, run_grid
             from .report import write_report
@@ -168,7 +208,7 @@ def main(argv=None) -> int:
                 args.schedule = "short"
             cells = build_grid(args.grid, out=out, schedule=args.schedule, seeds=args.seeds or 1, data=args.data,
                                init=args.init, extra=None if args.iterations is None else dict(iterations=args.iterations))
-            failed = run_grid(cells, jobs=args.jobs, dry_run=args.dry_run)
+            failed = run_grid(cells, jobs=args.jobs, dry_run=args.dry_run, stack=args.stack)
             if not args.dry_run:
                 print(f"report: {write_report(out, title=f'{args.grid} ({args.schedule} schedule)')}")
         elif args.command == "report":

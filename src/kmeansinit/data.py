@@ -272,7 +272,8 @@ class Normalizer:
         return cls(mean, torch.maximum(lo.abs(), hi.abs()).clamp_min(1e-8))
 
     def __call__(self, x: Tensor) -> Tensor:
-        return (x.float() / 255.0 - self.mean.to(x.device)) / self.scale.to(x.device)
+        # The default dtype (float32 unless a caller chose float64, as the stacked-training tests do).
+        return (x.to(torch.get_default_dtype()) / 255.0 - self.mean.to(x.device)) / self.scale.to(x.device)
 
     def state_dict(self) -> dict:
         return {"mean": self.mean.flatten().tolist(), "scale": self.scale.flatten().tolist()}

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from .train import RECIPES, Interrupted, TrainConfig
 
-__all__ = ["Cell", "SCHEDULES", "GRIDS", "build_grid", "run_grid", "cell_command", "finished", "STUDY_VARIANTS"]
+__all__ = ["Cell", "SCHEDULES", "GRIDS", "build_grid", "run_grid", "cell_command", "job_command", "plan_jobs", "finished",
+           "STUDY_VARIANTS"]
 
 #: Schedules: the paper's 75,000 iterations, and a short one: 1,200 iterations (about 3 epochs), about
 #: 3.7 minutes a cell on a 2-core CPU (0.155 s a step plus 12 evaluations), so the paper's 8 cells of
@@ -238,14 +239,69 @@ def _init_group(cell: Cell) -> str:
                        c.seed, c.init_cache], sort_keys=True, default=str)
 
 
-def run_grid(cells: list[Cell], *, jobs: int = 1, dry_run: bool = False, log=print, poll: float = 1.0) -> list[Cell]:
-    """Run every unfinished cell (``jobs`` at a time); return the cells that failed."""
+def _checkpoint_step(cell: Cell) -> int | None:
+    """The step a started cell resumes from (0 when it has none yet); None when its checkpoint cannot
+    be read (the cell then runs alone, where ``train`` names the problem)."""
+    from .train import CKPT, RunError, load_state
+
+    path = cell.out / CKPT
+    if not path.exists():
+        return 0
+    try:
+        return int(load_state(path)["step"])
+    except (RunError, KeyError, TypeError, ValueError):
+        return None
+
+
+def plan_jobs(todo: list[Cell], stack: int = 1) -> list[list[Cell]]:
+    """The grid's jobs in order: each a list of cells trained together. With ``stack`` > 1, cells that
+    share :data:`~kmeansinit.train_stacked.STACK_FIELDS` and their resume step go up to ``stack`` to a job."""
+    if stack < 1:
+        raise ValueError(f"stack must be >= 1, got {stack}")
+    if stack == 1:
+        return [[c] for c in todo]
+    from .train_stacked import stack_key
+
+    groups: dict = {}
+    for c in todo:
+        step = _checkpoint_step(c)
+        key = (stack_key(c.config), step) if step is not None else ("alone", c.name)
+        groups.setdefault(key, []).append(c)
+    jobs = []
+    for members in groups.values():
+        jobs += [members[i:i + stack] for i in range(0, len(members), stack)]
+    order = {c.name: i for i, c in enumerate(todo)}
+    return sorted(jobs, key=lambda job: order[job[0].name])
+
+
+def job_command(job: list[Cell], python: str | None = None, threads: int = 0) -> list[str]:
+    """A cell's ``kmeansinit train`` command, or for several cells one ``kmeansinit stack`` command."""
+    if len(job) == 1:
+        cmd = cell_command(job[0], python)
+        return cmd + (["--threads", str(threads)] if threads and "--resume" not in cmd else [])
+    exe = [python or sys.executable, "-m", "kmeansinit", "stack"]
+    for c in job:
+        exe += ["--cell", shlex.join([a for a in cell_command(c, python)[4:] if a != "--quiet"])]
+    return exe + (["--threads", str(threads)] if threads else []) + ["--quiet"]
+
+
+def run_grid(cells: list[Cell], *, jobs: int = 1, dry_run: bool = False, log=print, poll: float = 1.0,
+             stack: int = 1) -> list[Cell]:
+    """Run every unfinished cell (``jobs`` processes at a time, each training one cell or, with ``stack``,
+    up to that many cells as one stacked model); return the cells that failed."""
     todo = [c for c in cells if not c.done]
+    plan = plan_jobs(todo, stack)
     if dry_run:
+        first = {job[0].name: job for job in plan}
         for c in cells:
-            log(("# done: " if c.done else "") + shlex.join(cell_command(c, "python")))
+            if c.done:
+                log("# done: " + shlex.join(cell_command(c, "python")))
+            elif c.name in first:
+                log(shlex.join(job_command(first[c.name], "python")))
         return []
-    log(f"{len(cells)} cells, {len(cells) - len(todo)} finished, {len(todo)} to run ({jobs} at a time)")
+    stacked = sum(len(j) for j in plan if len(j) > 1)
+    log(f"{len(cells)} cells, {len(cells) - len(todo)} finished, {len(todo)} to run ({jobs} at a time"
+        + (f"; {stacked} of them in {sum(len(j) > 1 for j in plan)} stacks" if stacked else "") + ")")
     threads = max(1, (os.cpu_count() or 1) // jobs)
     lock, say = threading.Lock(), log
 
@@ -272,30 +328,42 @@ def run_grid(cells: list[Cell], *, jobs: int = 1, dry_run: bool = False, log=pri
         old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def one(item):
-        i, c = item
-        c.out.mkdir(parents=True, exist_ok=True)
-        cmd = cell_command(c)
-        cmd += ["--threads", str(threads)] if "--resume" not in cmd else []
+        i, job = item
+        for c in job:
+            c.out.mkdir(parents=True, exist_ok=True)
+        cmd = job_command(job, threads=threads)
         t = time.perf_counter()
-        log(f"[{i + 1}/{len(todo)}] {c.name}: {'resuming' if '--resume' in cmd else 'starting'}")
-        with open(c.out / "train.log", "a") as f:
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        name = job[0].name if len(job) == 1 else f"stack of {len(job)} ({', '.join(c.name for c in job)})"
+        log(f"[{i + 1}/{len(plan)}] {name}: {'resuming' if (job[0].out / 'config.json').exists() else 'starting'}")
+        files = [open(c.out / "train.log", "a") for c in job]
+        try:
+            # A stack's output goes to every member's train.log.
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
             live[proc.pid] = proc
+            for line in proc.stdout:
+                for f in files:
+                    f.write(line)
+                    f.flush()
             rc = proc.wait()
             live.pop(proc.pid, None)
+        finally:
+            for f in files:
+                f.close()
         if stop["signal"]:
-            log(f"[{i + 1}/{len(todo)}] {c.name}: stopped (checkpoint saved; rerun the grid to resume)")
+            log(f"[{i + 1}/{len(plan)}] {name}: stopped (checkpoint saved; rerun the grid to resume)")
             return
-        if rc != 0:
-            failed.append(c)
-            tail = (c.out / "train.log").read_text().strip().splitlines()[-1:] or ["?"]
-            log(f"[{i + 1}/{len(todo)}] {c.name}: FAILED (exit {rc}): {tail[0]}")
+        bad = [c for c in job if not c.done] if len(job) > 1 else ([] if rc == 0 else job)
+        bad += [c for c in job if len(job) > 1 and (c.out / "diverged.json").exists()]
+        if bad or rc != 0:
+            failed.extend(bad)
+            tail = (job[0].out / "train.log").read_text().strip().splitlines()[-1:] or ["?"]
+            log(f"[{i + 1}/{len(plan)}] {name}: FAILED (exit {rc}){' for ' + ', '.join(c.name for c in bad) if len(job) > 1 else ''}: {tail[0]}")
         else:
-            log(f"[{i + 1}/{len(todo)}] {c.name}: done in {time.perf_counter() - t:.0f}s")
+            log(f"[{i + 1}/{len(plan)}] {name}: done in {time.perf_counter() - t:.0f}s")
 
     # Cells that share an init (the SGD and Adam cells of one init and seed) are not started while
     # another of them is still computing it: the second would only wait on the init cache's lock.
-    pending, running = list(enumerate(todo)), {}
+    pending, running = list(enumerate(plan)), {}
     try:
         _schedule(pending, running, jobs, one, poll, stop)
     finally:
@@ -310,14 +378,14 @@ def _schedule(pending, running, jobs, one, poll, stop) -> None:
     while (pending and not stop["signal"]) or running:
         for t in [t for t in running if not t.is_alive()]:
             del running[t]
-        busy = {_init_group(c) for c in running.values() if not (c.out / "init.pt").exists()}
+        busy = {_init_group(c) for job in running.values() for c in job if not (c.out / "init.pt").exists()}
         while len(running) < jobs and not stop["signal"]:
-            ready = next((item for item in pending if _init_group(item[1]) not in busy), None)
+            ready = next((item for item in pending if not {_init_group(c) for c in item[1]} & busy), None)
             if ready is None:
                 break
             pending.remove(ready)
             t = threading.Thread(target=one, args=(ready,))
             t.start()
             running[t] = ready[1]
-            busy.add(_init_group(ready[1]))
+            busy |= {_init_group(c) for c in ready[1]}
         time.sleep(poll)

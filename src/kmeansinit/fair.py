@@ -169,8 +169,11 @@ def _extra_lrs(out, arch, optimizer) -> dict:
 
 
 def run_fair(out, archs, optimizers=("sgd",), *, seeds: int = 3, jobs: int = 2, dry_run: bool = False,
-             data: str = "../shared/data", val: int = 5000, precision: str = "bf16", log=print) -> list[Cell]:
-    """Sweep, extend where a best rate is at an end, then the final runs; returns failed cells."""
+             data: str = "../shared/data", val: int = 5000, precision: str = "bf16", stack: int = 1,
+             log=print) -> list[Cell]:
+    """Sweep, extend where a best rate is at an end, then the final runs; returns failed cells.
+    ``stack``: cells that share a rate (and so an optimizer step) train up to that many at a time as one
+    stacked model (:mod:`kmeansinit.train_stacked`)."""
     failed = []
     for arch in archs:
         if arch not in FAIR_ARCHS:
@@ -183,10 +186,10 @@ def run_fair(out, archs, optimizers=("sgd",), *, seeds: int = 3, jobs: int = 2, 
                 cells = sweep_cells(out, arch, opt, _extra_lrs(out, arch, opt), **kw)
                 if dry_run:
                     log(f"# {arch} {opt}: learning-rate sweep on the validation split")
-                    failed += run_grid(cells, jobs=jobs, dry_run=True, log=log)
+                    failed += run_grid(cells, jobs=jobs, dry_run=True, log=log, stack=stack)
                     break
                 log(f"{arch} {opt}: sweep")
-                failed += run_grid(cells, jobs=jobs, log=log)
+                failed += run_grid(cells, jobs=jobs, log=log, stack=stack)
                 best, more = best_lrs(out, arch, opt, **kw)
                 if not more:
                     break
@@ -200,6 +203,6 @@ def run_fair(out, archs, optimizers=("sgd",), *, seeds: int = 3, jobs: int = 2, 
             cells = final_cells(out, arch, opt, best, seeds=seeds, **kw)
             if cells:
                 log(f"{arch} {opt}: final runs at the best rates {json.dumps(best)}")
-                failed += run_grid(cells, jobs=jobs, dry_run=dry_run, log=log)
+                failed += run_grid(cells, jobs=jobs, dry_run=dry_run, log=log, stack=stack)
     # A run stopped by a NaN loss is a result (the rate is too high), not a failure.
     return [c for c in failed if not (c.out / "diverged.json").exists()]

@@ -13,8 +13,13 @@ element belongs to one cell and SGD, momentum, weight decay and Adam are element
 over the stacked parameters takes each cell's own step (with one learning rate for all).
 
 Supported layers: Conv1d/2d/3d, GatedConv2d, BatchNorm1d/2d, Linear, and parameter-free per-channel
-modules (ReLU, ReLU6, pooling, Flatten, Identity). A model with any other module with parameters, or a
-forward that mixes channels outside its layers (ResNet's zero-padded shortcut), is refused.
+modules (ReLU, ReLU6, pooling, Flatten, Identity). A model with any other module with parameters is
+refused. Forwards that act on the channel axis outside the layers must know the stack: the CIFAR
+ResNet's zero-padded shortcut pads each cell's channels (``BasicBlock.cells``).
+
+``stack_tensors`` / ``unstack_tensors`` move any per-parameter tensors (an optimizer's momentum or
+Adam moments) between the cells' layout and the stack's, so a stacked run checkpoints each cell in
+the same format as a run alone (``kmeansinit.train_stacked``).
 """
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ from torch import Tensor
 
 from .layers import GatedConv2d
 
-__all__ = ["StackedLinear", "stack_models", "unstack_state", "stacked_inputs", "stacked_loss"]
+__all__ = ["StackedLinear", "stack_models", "unstack_state", "stack_tensors", "unstack_tensors", "stacked_inputs",
+           "stacked_loss"]
 
 _CHANNELWISE = (nn.ReLU, nn.ReLU6, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity,
                 nn.Sequential)
@@ -97,20 +103,19 @@ def _stack_layer(layers: list[nn.Module]) -> nn.Module:
                      f"and parameter-free per-channel modules")
 
 
-def _check_forward(model: nn.Module) -> None:
-    # Forwards that act on the whole channel axis outside the layers (zero-padded shortcuts) would mix cells.
-    from .models.resnet import CifarResNet
+def _tell_forwards(model: nn.Module, n: int) -> None:
+    # Forwards that act on the whole channel axis outside the layers (zero-padded shortcuts) pad per cell.
+    from .models.resnet import BasicBlock
 
-    if isinstance(model, CifarResNet):
-        raise ValueError("CifarResNet's option-A shortcut pads the channel axis and would mix stacked cells")
+    for m in model.modules():
+        if isinstance(m, BasicBlock):
+            m.cells = n
 
 
 def stack_models(models: list[nn.Module]) -> nn.Module:
     """One module computing ``len(models)`` same-shaped models side by side (see the module docstring)."""
     if len(models) < 1:
         raise ValueError("stack_models needs at least one model")
-    for m in models:
-        _check_forward(m)
     out = copy.deepcopy(models[0])
     names = [n for n, _ in out.named_modules() if n]
     for other in models[1:]:
@@ -129,16 +134,22 @@ def stack_models(models: list[nn.Module]) -> nn.Module:
         parent_name, _, attr = name.rpartition(".")
         parent = out.get_submodule(parent_name) if parent_name else out
         setattr(parent, attr, _stack_layer([m[name] for m in mods]))
+    _tell_forwards(out, len(models))
     out.stack_size = len(models)
     return out
 
 
 def unstack_state(stacked: nn.Module, like: nn.Module, n: int) -> list[dict]:
     """The N cells' state dicts (in ``like``'s layout) from a stacked module's state."""
-    state, ref = stacked.state_dict(), like.state_dict()
+    return unstack_tensors(stacked.state_dict(), like, n)
+
+
+def unstack_tensors(named: dict[str, Tensor], like: nn.Module, n: int) -> list[dict]:
+    """Tensors keyed by ``like``'s state-dict names, in the stack's layout, cut into the N cells' layouts."""
+    ref = like.state_dict()
     mods = dict(like.named_modules())
     cells = [dict() for _ in range(n)]
-    for key, value in state.items():
+    for key, value in named.items():
         owner = mods.get(key.rpartition(".")[0])
         if value.dim() == 0:  # num_batches_tracked: shared
             parts = [value.clone() for _ in range(n)]
@@ -152,6 +163,27 @@ def unstack_state(stacked: nn.Module, like: nn.Module, n: int) -> list[dict]:
         for i in range(n):
             cells[i][key] = parts[i].clone().reshape(ref[key].shape)
     return cells
+
+
+def stack_tensors(cells: list[dict[str, Tensor]], like: nn.Module) -> dict[str, Tensor]:
+    """The inverse of :func:`unstack_tensors`: the cells' tensors (keyed by ``like``'s state-dict names,
+    each shaped like that entry) in the stack's layout. A 0-dim entry (``num_batches_tracked``) is
+    shared and taken from the first cell."""
+    mods = dict(like.named_modules())
+    out = {}
+    for key in cells[0]:
+        owner = mods.get(key.rpartition(".")[0])
+        values = [c[key] for c in cells]
+        if values[0].dim() == 0:
+            out[key] = values[0].clone()
+        elif isinstance(owner, GatedConv2d):
+            blocks = [v.chunk(3) for v in values]
+            out[key] = torch.cat([torch.cat([b[k] for b in blocks]) for k in range(3)])
+        elif isinstance(owner, nn.Linear):
+            out[key] = torch.stack(values)
+        else:
+            out[key] = torch.cat(values)
+    return out
 
 
 def stacked_inputs(batches: list[Tensor]) -> Tensor:

@@ -267,13 +267,19 @@ def _evaluate(model: nn.Module, x, y, norm: Normalizer, device, cfg: TrainConfig
             xb = norm(xb.to(device))
             if cfg.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            out = model(xb).float()
+            out = _full(model(xb))
             _fault("eval")
             yb = yb.to(device)
             total_loss += float(F.cross_entropy(out, yb, reduction="sum"))
             correct += int((out.argmax(1) == yb).sum())
     model.train()
     return total_loss / len(y), correct / len(y)
+
+
+def _full(logits: torch.Tensor) -> torch.Tensor:
+    """Logits for the loss: bf16 (autocast) raised to float32; float32 and float64 kept as they are (the
+    float64 equality tests of stacked training run the whole loop in float64)."""
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
 
 
 def _autocast(cfg: TrainConfig, device):
@@ -484,7 +490,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
             if cfg.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with _autocast(cfg, device):
-                loss = F.cross_entropy(model(xb).float(), yb)
+                loss = F.cross_entropy(_full(model(xb)), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             lv = loss.detach().double()

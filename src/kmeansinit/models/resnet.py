@@ -29,13 +29,19 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False, **kw)
         self.bn2 = nn.BatchNorm2d(cout, **kw)
         self.stride, self.extra = stride, cout - cin
+        # Networks side by side along the channel axis (kmeansinit.stacked): each pads its own channels.
+        self.cells = 1
 
     def shortcut(self, x: Tensor) -> Tensor:
         # Option A: no parameters; subsample, then zero channels split on both sides.
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
-        if self.extra:
+        if self.extra and self.cells == 1:
             x = F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+        elif self.extra:
+            b, c, h, w = x.shape
+            x = x.reshape(b, self.cells, c // self.cells, h, w)
+            x = F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2)).reshape(b, -1, h, w)
         return x
 
     def forward(self, x: Tensor) -> Tensor:
