@@ -103,7 +103,7 @@ def stack_configs_from_args(cells: list[str]):
     arguments; a bad one is named in the one-line error."""
     import shlex
 
-    from .train_stacked import load_cell_config
+    from .train import load_run_config
 
     parser = build_parser()
     cfgs, flags = [], []
@@ -113,7 +113,7 @@ def stack_configs_from_args(cells: list[str]):
         except SystemExit as e:  # argparse printed its own line about the bad argument
             raise ValueError(f"--cell {i} ({text!r}) is not a valid set of train arguments") from e
         if a.resume:
-            cfgs.append(load_cell_config(a.resume))
+            cfgs.append(load_run_config(a.resume))
             flags.append(True)
         else:
             cfgs.append(train_config_from_args(a))

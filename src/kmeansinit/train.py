@@ -364,22 +364,51 @@ def build_model(cfg: TrainConfig, num_classes: int, in_channels: int) -> nn.Modu
                         batch_norm=cfg.batch_norm)
 
 
+def load_run_config(out: str | Path) -> TrainConfig:
+    """The configuration saved in ``out/config.json`` by a started run (what ``--resume`` continues)."""
+    out = Path(out)
+    path = out / "config.json"
+    if not path.exists():
+        raise RunError(f"{out}: no config.json here; nothing to resume")
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RunError(f"{path}: corrupt ({e}); the run cannot be resumed without its configuration") from e
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in saved.items() if k in names} | {"out": str(out)})
+
+
+def prepare_data(cfg: TrainConfig, dataset=None):
+    """(training data, init pool, normalizer, iterations) of a run: the dataset (or ``dataset``), its
+    validation split, its labelled subset. With ``labels`` training sees the labelled subset while the
+    init and the normalization see every training image, unlabelled (few labels, many images)."""
+    ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data, download=cfg.download,
+                                                          label=cfg.label, image_size=cfg.image_size)
+    if cfg.val:
+        ds = split_validation(ds, cfg.val)
+    pool = ds
+    if cfg.labels:
+        ds = labelled_subset(ds, cfg.labels)
+    return ds, pool, Normalizer.fit(pool.train_x), cfg.resolved_iterations(len(ds.train_y))
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """SGD with momentum (optionally Nesterov) or Adam, with the run's weight decay."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, dataset=None) -> dict:
     """Run (or, with ``resume``, continue) one training run into ``cfg.out``; return the last metrics row."""
     cfg.validate()
     out = Path(cfg.out)
-    ckpt_path, cfg_path, metrics_path = out / "checkpoint.pt", out / "config.json", out / "metrics.jsonl"
+    ckpt_path, cfg_path, metrics_path = out / CKPT, out / "config.json", out / "metrics.jsonl"
     if resume:
-        if not cfg_path.exists():
-            raise RunError(f"{out}: no config.json here; nothing to resume")
-        try:
-            saved = json.loads(cfg_path.read_text())
-            if not isinstance(saved, dict):
-                raise ValueError("not a JSON object")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RunError(f"{cfg_path}: corrupt ({e}); the run cannot be resumed without its configuration") from e
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
-        cfg = TrainConfig(**{k: v for k, v in saved.items() if k in names} | {"out": str(out)})
+        cfg = load_run_config(out)
     elif ckpt_path.exists() or (out / "final.pt").exists():
         raise RunError(f"{out}: already holds a run; use --resume to continue it or choose another --out")
     info, device = setup(cfg.device)
@@ -388,25 +417,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
     main = info.main
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data, download=cfg.download,
-                                                          label=cfg.label, image_size=cfg.image_size)
-    if cfg.val:
-        ds = split_validation(ds, cfg.val)
-    # With `labels`, training sees a labelled subset; the init and the normalization see every
-    # training image, unlabelled (semi-supervised: few labels, many images).
-    pool = ds
-    if cfg.labels:
-        ds = labelled_subset(ds, cfg.labels)
-    total = cfg.resolved_iterations(len(ds.train_y))
-    norm = Normalizer.fit(pool.train_x)
+    ds, pool, norm, total = prepare_data(cfg, dataset)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, ds.num_classes, ds.train_x.shape[1]).to(device)
-    params = [p for p in model.parameters()]
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                              nesterov=cfg.nesterov)
-    else:
-        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(cfg, model.parameters())
     loader = BatchLoader(ds.train_x, ds.train_y, cfg.batch_size, norm, seed=cfg.seed, flip=cfg.flip,
                          crop=cfg.crop, device=device)
     if main:

@@ -33,14 +33,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import BatchLoader, Normalizer, load_dataset
+from .data import BatchLoader, Normalizer
 from .distributed import setup, world
 from .stacked import stack_models, stack_tensors, unstack_state, unstack_tensors
-from .train import (PREV, CKPT, Interrupted, RunError, TrainConfig, _atomic_save, _autocast, _cached_init, _fault, _full,
-                    _load_checkpoint, _Progress, _read_rows, _save_checkpoint, _write_text, build_model, labelled_subset,
-                    lr_at, split_validation)
+from .train import (CKPT, Interrupted, RunError, TrainConfig, _atomic_save, _autocast, _cached_init, _fault, _full,
+                    _load_checkpoint, _Progress, _read_rows, _save_checkpoint, _write_text, build_model, load_run_config,
+                    lr_at, make_optimizer, prepare_data)
 
-__all__ = ["train_stacked", "STACK_FIELDS", "stack_key", "load_cell_config"]
+__all__ = ["train_stacked", "STACK_FIELDS", "stack_key"]
 
 #: TrainConfig fields every cell of a stack must share: they decide the model's shape, the data, the
 #: optimizer step and when the loop evaluates and saves. Cells may differ in the rest (init, its
@@ -54,22 +54,6 @@ STACK_FIELDS = ("dataset", "data", "download", "label", "image_size", "crop", "f
 def stack_key(cfg: TrainConfig) -> tuple:
     """Cells with equal keys can share a stack."""
     return tuple(json.dumps(getattr(cfg, f), default=str) for f in STACK_FIELDS)
-
-
-def load_cell_config(out: str | Path) -> TrainConfig:
-    """The configuration saved in ``out/config.json`` (a started run), as ``train --resume`` reads it."""
-    out = Path(out)
-    path = out / "config.json"
-    if not path.exists():
-        raise RunError(f"{out}: no config.json here; nothing to resume")
-    try:
-        saved = json.loads(path.read_text())
-        if not isinstance(saved, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RunError(f"{path}: corrupt ({e}); the run cannot be resumed without its configuration") from e
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in saved.items() if k in names} | {"out": str(out)})
 
 
 @dataclass
@@ -90,13 +74,6 @@ class _Cell:
     @property
     def name(self) -> str:
         return self.cfg.tag or self.out.name
-
-
-def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=cfg.nesterov)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def _stack_optimizer(opt: torch.optim.Optimizer, stacked: nn.Module, cells: list[_Cell]) -> None:
@@ -124,7 +101,6 @@ def _unstack_into(stacked: nn.Module, opt: torch.optim.Optimizer, cells: list[_C
     like = cells[0].model
     for c, state in zip(cells, unstack_state(stacked, like, len(cells))):
         c.model.load_state_dict(state)
-    names = [n for n, _ in like.named_parameters()]
     own = [list(c.model.parameters()) for c in cells]
     for c in cells:
         c.opt.state.clear()
@@ -150,7 +126,7 @@ def _build(cells: list[_Cell], channels_last: bool, device):
         stacked = stacked.to(memory_format=torch.channels_last)
     if [n for n, _ in stacked.named_parameters()] != [n for n, _ in cells[0].model.named_parameters()]:
         raise RunError("the stacked model's parameters do not line up with a cell's")  # a stacking bug, not input
-    opt = _optimizer(cells[0].cfg, stacked.parameters())
+    opt = make_optimizer(cells[0].cfg, stacked.parameters())
     _stack_optimizer(opt, stacked, cells)
     return stacked, opt
 
@@ -196,7 +172,7 @@ def train_stacked(cfgs: list[TrainConfig], *, resume: list[bool] | bool = False,
     flags = list(resume) if isinstance(resume, (list, tuple)) else [bool(resume)] * len(cfgs)
     if len(flags) != len(cfgs):
         raise ValueError(f"resume has {len(flags)} flags for {len(cfgs)} cells")
-    cfgs = [load_cell_config(c.out) if r else c for c, r in zip(cfgs, flags)]
+    cfgs = [load_run_config(c.out) if r else c for c, r in zip(cfgs, flags)]
     for c in cfgs:
         c.validate()
     _check_shared(cfgs)
@@ -210,15 +186,7 @@ def train_stacked(cfgs: list[TrainConfig], *, resume: list[bool] | bool = False,
     info, device = setup(cfg0.device)
     if cfg0.threads:
         torch.set_num_threads(cfg0.threads)
-    ds = dataset if dataset is not None else load_dataset(cfg0.dataset, cfg0.data, download=cfg0.download,
-                                                          label=cfg0.label, image_size=cfg0.image_size)
-    if cfg0.val:
-        ds = split_validation(ds, cfg0.val)
-    pool = ds
-    if cfg0.labels:
-        ds = labelled_subset(ds, cfg0.labels)
-    total = cfg0.resolved_iterations(len(ds.train_y))
-    norm = Normalizer.fit(pool.train_x)
+    ds, pool, norm, total = prepare_data(cfg0, dataset)  # the cells share every field that decides these
     log = _Progress(total, 0, progress)
     names = ", ".join(Path(c.out).name for c in cfgs)
 
@@ -227,7 +195,7 @@ def train_stacked(cfgs: list[TrainConfig], *, resume: list[bool] | bool = False,
         out = Path(cfg.out)
         torch.manual_seed(cfg.seed)  # the module defaults a run alone draws before its init
         model = build_model(cfg, ds.num_classes, ds.train_x.shape[1]).to(device)
-        cell = _Cell(cfg, out, model, _optimizer(cfg, model.parameters()))
+        cell = _Cell(cfg, out, model, make_optimizer(cfg, model.parameters()))
         cell.loader = BatchLoader(ds.train_x, ds.train_y, cfg.batch_size, norm, seed=cfg.seed, flip=cfg.flip,
                                   crop=cfg.crop, device=device)
         out.mkdir(parents=True, exist_ok=True)
