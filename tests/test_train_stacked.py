@@ -188,3 +188,12 @@ def test_stack_command_line_and_its_errors(data, tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("kmeansinit: error: cells of one stack must share lr")
     bad = subprocess.run(run + ["--cell", "--init nonsense"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--cell 1 ('--init nonsense') is not a valid set of train arguments" in bad.stderr
+
+
+@pytest.mark.slow
+def test_compiled_stack_trains(data, tmp_path):
+    # torch.compile takes about a minute here: marked slow, out of CI (as train's compile test).
+    last = train_stacked([config(data, tmp_path / n, iterations=4, eval_every=4, compile=True, **kw)
+                          for n, kw in CELLS[:2]], progress=False)
+    assert all(r["step"] == 4 and r["train_loss"] == r["train_loss"] for r in last)
+    assert all((tmp_path / n / "final.pt").exists() for n, _ in CELLS[:2])

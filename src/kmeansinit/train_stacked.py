@@ -48,7 +48,7 @@ __all__ = ["train_stacked", "STACK_FIELDS", "stack_key"]
 STACK_FIELDS = ("dataset", "data", "download", "label", "image_size", "crop", "flip", "model", "gated", "width",
                 "batch_norm", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "batch_size", "iterations",
                 "lr_schedule", "halve_at", "warmup", "epochs", "val", "test_every", "labels", "eval_every",
-                "log_every", "checkpoint_every", "precision", "channels_last", "device")
+                "log_every", "checkpoint_every", "precision", "channels_last", "compile", "device")
 
 
 def stack_key(cfg: TrainConfig) -> tuple:
@@ -234,6 +234,8 @@ def train_stacked(cfgs: list[TrainConfig], *, resume: list[bool] | bool = False,
             _atomic_save({k: v.contiguous() for k, v in c.model.state_dict().items()}, c.out / "final.pt")
         return [c.last for c in cells]
     stacked, opt = _build(cells, cfg0.channels_last, device)
+    # The training forward may be compiled; checkpoints, evaluation and unstacking use the module itself.
+    forward = torch.compile(stacked) if cfg0.compile else stacked
     if log.bar is not None:
         log.bar.update(step - log.bar.n)
     log.line(f"stack of {len(cells)} cells ({names}) from step {step}/{total}")
@@ -255,7 +257,7 @@ def train_stacked(cfgs: list[TrainConfig], *, resume: list[bool] | bool = False,
             if cfg0.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with _autocast(cfg0, device):
-                logits = _full(stacked(xb)).reshape(xb.shape[0], len(cells), -1)
+                logits = _full(forward(xb)).reshape(xb.shape[0], len(cells), -1)
                 parts = [F.cross_entropy(logits[:, i], b[1]) for i, b in enumerate(batches)]
             # Each cell's gradient is that of its own loss: the terms share no parameters.
             opt.zero_grad(set_to_none=True)
@@ -280,6 +282,7 @@ def train_stacked(cfgs: list[TrainConfig], *, resume: list[bool] | bool = False,
                     lvs = [lvs[i] for i in keep]
                     cells = live
                     stacked, opt = _build(cells, cfg0.channels_last, device)
+                    forward = torch.compile(stacked) if cfg0.compile else stacked
                 else:
                     cells = []
                     break
