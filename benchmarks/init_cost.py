@@ -8,7 +8,9 @@ Each init runs on a fresh model built with the same seed. With ``--profile``, wh
 goes (cProfile, the k-means init's own phases: ZCA statistics, Lloyd passes, report objectives).
 
     python benchmarks/init_cost.py [--models paper,resnet20,mobilenetv2] [--inits kmeans,lsuv] [--steps 20]
-        [--variant fast:kmeans-he-norm:stat_patches=16384,steps=5]
+        [--variant fast:kmeans-he-norm:stat_patches=16384,steps=5] [--variant few:kmeans-he-norm:images=64]
+
+A variant's ``images=N`` is not an init option: that row's init sees the first N of the images.
 """
 from __future__ import annotations
 
@@ -72,19 +74,19 @@ def parse_variant(text: str) -> tuple[str, str, dict]:
     return label, init, options
 
 
-def profile_init(name: str, init: str, images, dev, rows: int = 12) -> list[str]:
+def profile_init(name: str, init: str, images, dev, rows: int = 12, options=None, label=None) -> list[str]:
     torch.manual_seed(0)
     m = create_model(name).to(dev).to(memory_format=torch.channels_last)
     pr = cProfile.Profile()
     pr.enable()
-    initialize_(m, init, images, progress=False)
+    initialize_(m, init, images, progress=False, **(options or {}))
     pr.disable()
     st = pstats.Stats(pr, stream=io.StringIO())
     total = max(st.total_tt, 1e-9)
     # Cumulative time of the init's own functions (kmeansinit modules), the largest first.
     own = [(v[3], f"{k[0].split('kmeansinit/')[-1]}:{k[2]}") for k, v in st.stats.items() if "kmeansinit/" in k[0]]
     own.sort(reverse=True)
-    out = [f"Profile: {init} on {name} (cProfile, cumulative seconds of the init's own functions)", "",
+    out = [f"Profile: {label or init} on {name}, {images.shape[0]} images (cProfile, cumulative seconds of the init's own functions)", "",
            "| function | seconds | share of the init |", "|---|---|---|"]
     for cum, label in own[1:rows + 1]:  # [0] is initialize_ itself
         out.append(f"| {label} | {cum:.2f} | {100 * cum / total:.0f}% |")
@@ -116,19 +118,22 @@ def main():
         model = create_model(name).to(dev).to(memory_format=torch.channels_last)
         rows = [(init, init, {}) for init in a.inits.split(",")] + [parse_variant(v) for v in a.variant]
         for label, init, options in rows:
+            options = dict(options)
+            seen = images[:options.pop("images")] if "images" in options else images
             inits, steps = [], []
             for _ in range(a.repeats):  # alternate init and training steps: drift hits both
-                s, rep = init_seconds(name, init, images, dev, options)
+                s, rep = init_seconds(name, init, seen, dev, options)
                 inits.append(s)
                 steps.append(step_seconds(model, dev, a.steps))
             s_init, s_step = sorted(inits)[len(inits) // 2], sorted(steps)[len(steps) // 2]
             epoch = s_step * EPOCH_STEPS
             skipped = len(getattr(rep, "skipped", None) or {})
-            shown = init if label == init else f"{label}: {init} {options}"
+            shown = init if label == init else f"{label}: {init} {options}" + \
+                (f", {seen.shape[0]} images" if seen.shape[0] != images.shape[0] else "")
             lines.append(f"| {name} | {shown} | {s_init:.2f} | {epoch:.1f} | {s_init / epoch:.3f} | {skipped} |")
             print(lines[-1], flush=True)
             if a.profile and init.startswith("kmeans"):
-                profiles += profile_init(name, init, images, dev)
+                profiles += profile_init(name, init, seen, dev, options=options, label=label)
     append_results(f"Init cost against one training epoch ({dev.type}, {a.images} images)", dev, lines + [""] + profiles)
 
 

@@ -660,3 +660,48 @@ def test_zca_float32_eigh_whitens_like_float64():
     assert not torch.equal(a.W, b.W)  # it did run in float32
     with pytest.raises(ValueError, match="zca_eigh"):
         kmeans_init_(nn.Sequential(layer), chunks[0], mode="layerwise", preprocess="zca", zca_eigh="float16")
+
+
+def test_cholesky_whitening_is_a_rotation_of_zca():
+    # W^T W = (C + eps I)^-1 for both factors, against the covariance computed independently here; and
+    # W_chol W_zca^-1 is orthogonal (one whitened space is a rotation of the other).
+    from kmeansinit.init.whiten import ZCASpace, unfold_patches
+
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 6, 3, padding=1, bias=False).double()
+    x = images(6, size=7).double() * torch.tensor([1.0, 0.3, 0.1], dtype=torch.double).view(1, 3, 1, 1)
+    zca = ZCASpace(layer, [x[:3], x[3:]])
+    chol = ZCASpace(layer, [x[:3], x[3:]], factor="cholesky")
+    q = unfold_patches(x, layer)
+    q = q - q.mean(1, keepdim=True)
+    q = q / torch.sqrt(q.var(1, unbiased=False, keepdim=True) + zca.eps_norm)
+    cov = torch.cov(q.t(), correction=0)
+    inv = torch.linalg.inv(cov + 1e-2 * torch.trace(cov) / cov.shape[0] * torch.eye(27, dtype=torch.double))
+    for space in (zca, chol):
+        assert_close(space.W.t() @ space.W, inv, rtol=1e-7, atol=1e-7 * float(inv.abs().max()))
+    rot = chol.W @ torch.linalg.inv(zca.W)
+    assert_close(rot @ rot.t(), torch.eye(27, dtype=torch.double), rtol=0, atol=1e-8)
+    assert not torch.allclose(chol.W, zca.W)  # a different matrix, not ZCA again
+    # The same raw filter for a centroid and its rotated twin; the same whitened sums, rotated.
+    c = torch.randn(6, 3, 3, 3, dtype=torch.double)
+    assert_close(chol.to_raw((c.flatten(1) @ rot.t()).reshape(c.shape)), zca.to_raw(c), rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="factor"):
+        ZCASpace(layer, [x], factor="qr")
+
+
+@pytest.mark.parametrize("pairs", [False, True])
+def test_cholesky_whitening_gives_the_zca_preset_filters(pairs):
+    # Spherical k-means only sees inner products, which a rotation keeps: the whole init ends at the
+    # same weights up to rounding (float64, every layer of a small PaperNet, the Lloyd iterations included).
+    x = images(24, size=16).double()
+    out = []
+    for whitening in ("zca", "cholesky"):
+        torch.manual_seed(0)
+        m = PaperNet(width=0.25).double()
+        kmeans_init_(m, x, mode="layerwise", preprocess="zca", pairs=pairs, scale="he", steps=5, seed=3,
+                     whitening=whitening, progress=False)
+        out.append(m.state_dict())
+    for k in out[0]:
+        assert_close(out[1][k], out[0][k], rtol=1e-6, atol=1e-6, msg=k)
+    with pytest.raises(ValueError, match="whitening"):
+        kmeans_init_(PaperNet(width=0.25), x.float(), preprocess="zca", mode="layerwise", whitening="pca")

@@ -68,6 +68,11 @@ class KMeansOptions:
             weakest (highest-frequency) directions more.
         zca_eigh: precision of the ZCA covariance's eigendecomposition, ``"float64"`` (default) or
             ``"float32"`` (about twice as fast; the covariance itself is accumulated in float64).
+        whitening: how ``preprocess="zca"`` factors the regularized covariance ``C + eps I``: ``"zca"``
+            (default), ``W = V (L + eps)^(-1/2) V^T`` from an eigendecomposition; ``"cholesky"``,
+            ``W = L^(-1)`` from its Cholesky factor, a rotation of ZCA's whitened space in which
+            spherical k-means finds the same raw filters up to float rounding, without the
+            eigendecomposition (:class:`~kmeansinit.init.whiten.ZCASpace`).
         seed: seeds every random choice; same seed and images give the same weights.
         progress: show a progress bar.
         unsupported: what to do with a layer these options cannot cluster (``preprocess="zca"`` on a
@@ -99,6 +104,7 @@ class KMeansOptions:
     stat_patches: int | None = 2**18
     zca_eps: float = 1e-2
     zca_eigh: str = "float64"
+    whitening: str = "zca"
     seed: int = 0
     progress: bool = True
     unsupported: str = "skip"
@@ -115,7 +121,7 @@ class KMeansOptions:
         """``ValueError`` naming the first option that is out of range or inconsistent."""
         for name, allowed in (("mode", MODES), ("solver", SOLVERS), ("scale", SCALES), ("preprocess", PREPROCESS),
                               ("reduction", ("mean", "sum")), ("unsupported", ("skip", "error")),
-                              ("zca_eigh", ("float64", "float32"))):
+                              ("zca_eigh", ("float64", "float32")), ("whitening", ("zca", "cholesky"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if (self.preprocess != "none" or self.pairs or self.orthogonal) and self.solver != "lloyd":
@@ -164,5 +170,7 @@ class KMeansOptions:
             d["zca_eps"] = self.zca_eps
             if self.zca_eigh != "float64":  # only when not the default: earlier reports stay as they were
                 d["zca_eigh"] = self.zca_eigh
+            if self.whitening != "zca":
+                d["whitening"] = self.whitening
         return d
 

@@ -4,9 +4,9 @@ Coates & Ng (2012) run k-means on patches ``p`` that are first
 normalized per patch, ``p' = P p / s(p)`` with ``P = I - 11^T / D`` (remove the patch mean) and
 ``s(p) = sqrt(var(p) + eps_norm)``, then ZCA-whitened, ``z = W (p' - m)`` with
 ``W = V (L + eps_zca)^(-1/2) V^T`` from the covariance of ``p'``. A centroid ``c`` found in
-``z``-space acts on raw patches through the raw filter ``w = P W c``:
+``z``-space acts on raw patches through the raw filter ``w = P W^T c`` (``W^T = W`` for ZCA):
 
-    <z, c> = <p, P W c> / s(p) - <m, W c>
+    <z, c> = <p, P W^T c> / s(p) - <m, W^T c>
 
 The second term does not depend on the patch, and ``s(p) > 0``, so the filter ``w`` ranks patches
 as ``c`` does, up to a per-filter offset which BN (or a bias) absorbs. Everything except the
@@ -101,13 +101,23 @@ class ZCASpace:
     """k-means on contrast-normalized, ZCA-whitened patches; filters mapped back to raw patches."""
 
     def __init__(self, layer: nn.Module, chunks, eps_norm: float = 1e-2, eps_zca: float = 1e-2,
-                 max_patches: int | None = None, seed: int = 0, eigh_dtype: torch.dtype = torch.float64):
+                 max_patches: int | None = None, seed: int = 0, eigh_dtype: torch.dtype = torch.float64,
+                 factor: str = "eigh"):
         """Patch mean and covariance from ``chunks`` (layer inputs): all patches, or at most about
         ``max_patches`` of them, an equal random share from each chunk, drawn by ``(seed, chunk index)``
         so that a distributed init picks the rows a single process picks. The covariance is always
         accumulated in float64; ``eigh_dtype`` is the precision of its eigendecomposition (float32 is
         about twice as fast on the CPU; its eigenvalue errors, about 1e-7 of the largest, sit far
-        below the regularizer ``eps_zca * mean(L)`` every eigenvalue gets)."""
+        below the regularizer ``eps_zca * mean(L)`` every eigenvalue gets).
+
+        ``factor="cholesky"``: instead of ZCA's symmetric ``W = (C + eps I)^(-1/2)``, the whitening
+        ``W = L^(-1)`` from the Cholesky factor ``C + eps I = L L^T``. Both satisfy ``W^T W = (C + eps I)^(-1)``,
+        so one whitened space is a rotation of the other (``W_chol = Q W_zca``, ``Q`` orthogonal): every
+        inner product between whitened vectors, hence every assignment and every raw filter
+        ``P W^T c``, is the same, for a fraction of the cost (no eigendecomposition: PaperNet's
+        1,936-dimensional second layer takes seconds to diagonalize on a CPU)."""
+        if factor not in ("eigh", "cholesky"):
+            raise ValueError(f"factor must be 'eigh' or 'cholesky', got {factor!r}")
         self.layer, self.eps_norm = layer, eps_norm
         self._scales: dict[int, tuple] = {}
         from ..distributed import all_reduce_
@@ -144,12 +154,21 @@ class ZCASpace:
         self.m = total / count
         # In place: a D x D float64 matrix is 30 MB for PaperNet's second layer, and each copy counts.
         cov = outer.div_(count).addr_(self.m, self.m, alpha=-1)
-        evals, evecs = torch.linalg.eigh(cov.to(eigh_dtype))
-        evals, evecs = evals.double(), evecs.double()
-        del cov, outer
-        # eps_zca relative to the mean eigenvalue, so it means the same for every layer's scale.
-        eps = eps_zca * float(evals.clamp_min(0).mean())
-        self.W = (evecs * (evals.clamp_min(0) + eps).rsqrt()) @ evecs.t()
+        if factor == "cholesky":
+            # eps_zca relative to the mean eigenvalue (the trace over D), as below.
+            eps = eps_zca * float(cov.diagonal().sum().clamp_min(0)) / dim
+            cov.diagonal().add_(eps)
+            chol = torch.linalg.cholesky(cov)
+            del cov, outer
+            self.W = torch.linalg.solve_triangular(chol, torch.eye(dim, dtype=chol.dtype, device=chol.device),
+                                                   upper=False)
+        else:
+            evals, evecs = torch.linalg.eigh(cov.to(eigh_dtype))
+            evals, evecs = evals.double(), evecs.double()
+            del cov, outer
+            # eps_zca relative to the mean eigenvalue, so it means the same for every layer's scale.
+            eps = eps_zca * float(evals.clamp_min(0).mean())
+            self.W = (evecs * (evals.clamp_min(0) + eps).rsqrt()) @ evecs.t()
         self.dim = dim
 
     def _normalize(self, p: Tensor) -> Tensor:
@@ -183,8 +202,8 @@ class ZCASpace:
         return torch.sqrt(var + self.eps_norm)
 
     def _raw_and_offset(self, c: Tensor) -> tuple[Tensor, Tensor]:
-        wc = c.flatten(1).double() @ self.W  # W symmetric: rows of (W c_k)
-        raw = (wc - wc.mean(dim=1, keepdim=True)).to(c.dtype).reshape(c.shape)  # P W c
+        wc = c.flatten(1).double() @ self.W  # rows of W^T c_k (W is not symmetric under factor="cholesky")
+        raw = (wc - wc.mean(dim=1, keepdim=True)).to(c.dtype).reshape(c.shape)  # P W^T c
         return raw, wc @ self.m
 
     def to_raw(self, c: Tensor) -> Tensor:
@@ -207,7 +226,7 @@ class ZCASpace:
         raw = masked_patch_sums(x, self.layer, mask, like).flatten(1).double()
         raw = raw - raw.mean(dim=1, keepdim=True)
         n = counts.reshape(-1, 1).double()
-        return ((raw - n * self.m) @ self.W).to(like.dtype).reshape(like.shape)
+        return ((raw - n * self.m) @ self.W.t()).to(like.dtype).reshape(like.shape)
 
     def sums(self, x: Tensor, mask: Tensor, like: Tensor) -> Tensor:
         """sum_i mask_ik z_i for a 0/1 ``mask`` (the shape of the responses)."""
