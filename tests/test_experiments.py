@@ -354,19 +354,19 @@ def test_stacked_grid_plans_runs_and_resumes_cells_in_stacks(fake_cifar10, tmp_p
     run_grid(cells, dry_run=True, log=lines.append, stack=3)
     assert len(lines) == 4 and all(l.startswith("python -m kmeansinit stack --cell") for l in lines)
     assert shlex.split(lines[0]).count("--cell") == 3
-    # A cell killed at step 6 (checkpoint at 4) cannot join cells that start at 0: it runs alone.
+    # A cell killed at step 6 (checkpoint at 4) cannot join cells that start at 0: it runs alone. (The
+    # run below is the SGD cells and that Adam cell, to keep CI short.)
     victim = cells[1]
+    run = [c for c in cells if c.config.optimizer == "sgd" or c is victim]
     env = dict(os.environ, KMEANSINIT_FAULT="step:6")
     assert subprocess.run(cell_command(victim), env=env, capture_output=True).returncode == -signal.SIGKILL
-    plan = names(plan_jobs(cells, 3))
-    assert [victim.name] in plan and all(len(j) <= 3 for j in plan) and sum(map(len, plan)) == 10
-    stacked = {n for job in plan if len(job) > 1 for n in job}
+    assert names(plan_jobs(run, 3)) == [sgd[:3], [victim.name], sgd[3:]]
     logs = []
-    assert run_grid(cells, log=logs.append, stack=3) == []
-    assert all(c.done and (c.out / "final.pt").exists() for c in cells)
-    assert any(f"{victim.name}: resuming" in l for l in logs) and sum("stack of 3" in l and "done" in l for l in logs) == 2
-    assert len(stacked) == 8  # SGD: 3 + 2; Adam without the victim: 3 + 1 (alone)
-    for c in cells:
-        if c.name in stacked:  # a stack's output is in every member's log; each config names its stack
+    assert run_grid(run, log=logs.append, stack=3) == []
+    assert all(c.done and (c.out / "final.pt").exists() for c in run)
+    assert any(f"{victim.name}: resuming" in l for l in logs)
+    assert [l for l in logs if "done" in l and "stack of" in l][0].split(":")[0].endswith(f"stack of 3 ({', '.join(sgd[:3])})")
+    for c in run:
+        if c is not victim:  # a stack's output is in every member's log; each config names its stack
             assert "stack of" in (c.out / "train.log").read_text()
             assert str(c.out) in json.loads((c.out / "config.json").read_text())["stacked_with"]

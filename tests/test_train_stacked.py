@@ -37,7 +37,7 @@ def float64():
 
 
 CELLS = [("a", dict(init="he", seed=0)), ("b", dict(init="xavier", seed=1)),
-         ("c", dict(init="kmeans", seed=2, init_options={"steps": 3}))]
+         ("c", dict(init="kmeans", seed=2, init_images=16, init_options={"steps": 3}))]
 
 
 def config(data, out, model="paper", optimizer="sgd", iterations=50, **kw):
@@ -66,13 +66,13 @@ def assert_same_run(alone, stacked, tol):
                 assert y[key] == pytest.approx(x[key], rel=tol, abs=tol), key
 
 
-@pytest.mark.parametrize("model,optimizer", [("paper", "sgd"), ("paper", "adam"), ("resnet20", "sgd")])
-def test_stacked_cells_equal_each_cell_alone_after_50_steps(data, tmp_path, float64, model, optimizer):
+@pytest.mark.parametrize("model,optimizer,steps", [("paper", "sgd", 50), ("paper", "adam", 25), ("resnet20", "sgd", 25)])
+def test_stacked_cells_equal_each_cell_alone(data, tmp_path, float64, model, optimizer, steps):
     for name, kw in CELLS:
-        train(config(data, tmp_path / f"alone-{name}", model, optimizer, **kw), progress=False)
-    last = train_stacked([config(data, tmp_path / f"stack-{name}", model, optimizer, **kw) for name, kw in CELLS],
-                         progress=False)
-    assert [r["step"] for r in last] == [50, 50, 50]
+        train(config(data, tmp_path / f"alone-{name}", model, optimizer, iterations=steps, **kw), progress=False)
+    last = train_stacked([config(data, tmp_path / f"stack-{name}", model, optimizer, iterations=steps, **kw)
+                          for name, kw in CELLS], progress=False)
+    assert [r["step"] for r in last] == [steps] * 3
     for name, _ in CELLS:
         assert_same_run(tmp_path / f"alone-{name}", tmp_path / f"stack-{name}", tol=1e-9)
         out = tmp_path / f"stack-{name}"
@@ -80,7 +80,7 @@ def test_stacked_cells_equal_each_cell_alone_after_50_steps(data, tmp_path, floa
             {p.name for p in out.iterdir()}
         saved = json.loads((out / "config.json").read_text())
         assert saved["stacked_with"] == [str(tmp_path / f"stack-{n}") for n, _ in CELLS]
-        assert saved["resolved_iterations"] == 50
+        assert saved["resolved_iterations"] == steps
         init_alone, init_stacked = (load_state(d / "init.pt") for d in (tmp_path / f"alone-{name}", out))
         for k in init_alone:  # the same init, computed the same way
             assert torch.equal(init_stacked[k], init_alone[k]), k
@@ -97,24 +97,24 @@ def test_float32_stacked_step_equals_alone_up_to_rounding(data, tmp_path):
 
 def test_sigterm_checkpoints_every_cell_and_the_stack_or_a_cell_alone_resumes(data, tmp_path, float64, monkeypatch):
     for name, kw in CELLS:
-        train(config(data, tmp_path / f"alone-{name}", **kw), progress=False)
-    cfgs = [config(data, tmp_path / f"stack-{name}", **kw) for name, kw in CELLS]
+        train(config(data, tmp_path / f"alone-{name}", iterations=40, **kw), progress=False)
+    cfgs = [config(data, tmp_path / f"stack-{name}", iterations=40, **kw) for name, kw in CELLS]
     real, hits = ts._fault, {"step": 0}
 
-    def term_at_step_30(point):
+    def term_at_step_20(point):
         hits[point] = hits.get(point, 0) + 1
-        if point == "step" and hits["step"] == 30:
+        if point == "step" and hits["step"] == 20:
             os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends; the handler only sets a flag
         real(point)
 
-    monkeypatch.setattr(ts, "_fault", term_at_step_30)
+    monkeypatch.setattr(ts, "_fault", term_at_step_20)
     with pytest.raises(KeyboardInterrupt) as stopped:
         train_stacked(cfgs, progress=False)
     assert stopped.value.signum == signal.SIGTERM
     monkeypatch.setattr(ts, "_fault", real)
-    for c in cfgs:  # the signal came during step 31: every cell saved it (as train does); none finished
-        assert load_state(Path(c.out) / "checkpoint.pt")["step"] == 31 and not (Path(c.out) / "final.pt").exists()
-        assert rows(c.out)[-1]["step"] == 30  # the last log row (log_every 5); step 31's loss is in the checkpoint
+    for c in cfgs:  # the signal came during step 21: every cell saved it (as train does); none finished
+        assert load_state(Path(c.out) / "checkpoint.pt")["step"] == 21 and not (Path(c.out) / "final.pt").exists()
+        assert rows(c.out)[-1]["step"] == 20  # the last log row (log_every 5); step 21's loss is in the checkpoint
     train_stacked(cfgs[:2], resume=True, progress=False)  # a smaller stack of the same step
     train(cfgs[2], resume=True, progress=False)  # a stacked cell's checkpoint is an ordinary run's
     for name, _ in CELLS:
@@ -123,7 +123,7 @@ def test_sigterm_checkpoints_every_cell_and_the_stack_or_a_cell_alone_resumes(da
 
 def test_a_diverging_cell_stops_alone_and_the_others_go_on(data, tmp_path, float64, monkeypatch):
     for name, kw in CELLS[:2]:
-        train(config(data, tmp_path / f"alone-{name}", **kw), progress=False)
+        train(config(data, tmp_path / f"alone-{name}", iterations=20, **kw), progress=False)
     real = ts._cached_init
 
     def poisoned(model, cfg, *args, **kw):
@@ -134,8 +134,9 @@ def test_a_diverging_cell_stops_alone_and_the_others_go_on(data, tmp_path, float
         return report
 
     monkeypatch.setattr(ts, "_cached_init", poisoned)
-    cfgs = [config(data, tmp_path / "stack-a", **CELLS[0][1]), config(data, tmp_path / "stack-bad", tag="bad"),
-            config(data, tmp_path / "stack-b", **CELLS[1][1])]
+    cfgs = [config(data, tmp_path / "stack-a", iterations=20, **CELLS[0][1]),
+            config(data, tmp_path / "stack-bad", iterations=20, tag="bad"),
+            config(data, tmp_path / "stack-b", iterations=20, **CELLS[1][1])]
     with pytest.raises(RunError, match=r"stack-bad \(step 1\).*2 other cells finished"):
         train_stacked(cfgs, progress=False)
     bad = tmp_path / "stack-bad"
