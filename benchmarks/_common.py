@@ -47,6 +47,19 @@ def _clock(fn, device: torch.device) -> float:
     return time.perf_counter() - t
 
 
+def sgd_step(model, opt, xb, yb, bf16: bool, device: torch.device) -> None:
+    """One training step as kmeansinit.train takes it: channels-last batch, optional bf16 autocast,
+    float32 cross-entropy, zero_grad, backward, optimizer step."""
+    import torch.nn.functional as F
+
+    xb = xb.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = F.cross_entropy(model(xb).float(), yb)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def timed(fn, repeats: int, device: torch.device, warmup: int = 2) -> float:
     """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup``."""
     times = [_clock(fn, device) for _ in range(warmup + repeats)][warmup:]

@@ -14,7 +14,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from _common import append_results, pick_device, profile_lines, timed_many
+from _common import append_results, pick_device, profile_lines, sgd_step, timed_many
 
 from kmeansinit.data import BatchLoader, Normalizer
 from kmeansinit.models import create_model
@@ -63,13 +63,7 @@ def main():
             def alone():
                 state["alone"] += 1
                 for m, o, ld in zip(models, opts, loaders):
-                    xb, yb = ld.batch(state["alone"])
-                    xb = xb.contiguous(memory_format=torch.channels_last)
-                    with autocast():
-                        loss = F.cross_entropy(m(xb).float(), yb)
-                    o.zero_grad(set_to_none=True)
-                    loss.backward()
-                    o.step()
+                    sgd_step(m, o, *ld.batch(state["alone"]), prec == "bf16", dev)
 
             def together():
                 state["stacked"] += 1

@@ -8,9 +8,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 
-from _common import append_results, pick_device, timed_pair
+from _common import append_results, pick_device, sgd_step, timed_pair
 
 from kmeansinit import PaperNet
 from kmeansinit.data import BatchLoader, Normalizer
@@ -41,12 +40,7 @@ def main():
             state = {"step": 0}
 
             def step(xb, yb):
-                xb = xb.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=prec == "bf16"):
-                    loss = F.cross_entropy(model(xb).float(), yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                sgd_step(model, opt, xb, yb, prec == "bf16", dev)
 
             def with_loader():
                 state["step"] += 1
