@@ -671,7 +671,7 @@ def test_cholesky_whitening_is_a_rotation_of_zca():
     layer = nn.Conv2d(3, 6, 3, padding=1, bias=False).double()
     x = images(6, size=7).double() * torch.tensor([1.0, 0.3, 0.1], dtype=torch.double).view(1, 3, 1, 1)
     zca = ZCASpace(layer, [x[:3], x[3:]])
-    chol = ZCASpace(layer, [x[:3], x[3:]], factor="cholesky")
+    chol = ZCASpace(layer, [x[:3], x[3:]], whitening="cholesky")
     q = unfold_patches(x, layer)
     q = q - q.mean(1, keepdim=True)
     q = q / torch.sqrt(q.var(1, unbiased=False, keepdim=True) + zca.eps_norm)
@@ -685,8 +685,8 @@ def test_cholesky_whitening_is_a_rotation_of_zca():
     # The same raw filter for a centroid and its rotated twin; the same whitened sums, rotated.
     c = torch.randn(6, 3, 3, 3, dtype=torch.double)
     assert_close(chol.to_raw((c.flatten(1) @ rot.t()).reshape(c.shape)), zca.to_raw(c), rtol=1e-9, atol=1e-9)
-    with pytest.raises(ValueError, match="factor"):
-        ZCASpace(layer, [x], factor="qr")
+    with pytest.raises(ValueError, match="whitening must be"):
+        ZCASpace(layer, [x], whitening="qr")
 
 
 @pytest.mark.parametrize("pairs", [False, True])

@@ -337,10 +337,11 @@ def run_grid(cells: list[Cell], *, jobs: int = 1, dry_run: bool = False, log=pri
         log(f"[{i + 1}/{len(plan)}] {name}: {'resuming' if (job[0].out / 'config.json').exists() else 'starting'}")
         files = [open(c.out / "train.log", "a") for c in job]
         try:
-            # A stack's output goes to every member's train.log.
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            # A cell writes its train.log itself; a stack's output is copied into every member's.
+            proc = subprocess.Popen(cmd, stdout=files[0] if len(job) == 1 else subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
             live[proc.pid] = proc
-            for line in proc.stdout:
+            for line in proc.stdout or ():
                 for f in files:
                     f.write(line)
                     f.flush()
@@ -352,8 +353,9 @@ def run_grid(cells: list[Cell], *, jobs: int = 1, dry_run: bool = False, log=pri
         if stop["signal"]:
             log(f"[{i + 1}/{len(plan)}] {name}: stopped (checkpoint saved; rerun the grid to resume)")
             return
-        bad = [c for c in job if not c.done] if len(job) > 1 else ([] if rc == 0 else job)
-        bad += [c for c in job if len(job) > 1 and (c.out / "diverged.json").exists()]
+        # A stack's exit code covers all its cells: the failed ones are those without a final result
+        # (a diverged cell counts, as a diverged run alone does).
+        bad = [c for c in job if not finished(c.out)] if len(job) > 1 else ([] if rc == 0 else job)
         if bad or rc != 0:
             failed.extend(bad)
             tail = (job[0].out / "train.log").read_text().strip().splitlines()[-1:] or ["?"]

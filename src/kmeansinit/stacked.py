@@ -55,48 +55,29 @@ class StackedLinear(nn.Module):
         return y.reshape(x.shape[0], -1)
 
 
-def _gated_stack(convs: list[GatedConv2d]) -> Tensor:
-    # A gated weight is three blocks (w1, w2, w3) of out_channels rows each: stack block by block.
-    return torch.cat([torch.cat([c.weight.detach().chunk(3)[b] for c in convs]) for b in range(3)])
-
-
 def _stack_layer(layers: list[nn.Module]) -> nn.Module:
     first, n = layers[0], len(layers)
     if any(type(m) is not type(first) for m in layers):
         raise ValueError(f"cells differ in layer type: {sorted({type(m).__name__ for m in layers})}")
-    with torch.no_grad():
+    if isinstance(first, (nn.modules.conv._ConvNd, nn.BatchNorm1d, nn.BatchNorm2d, nn.Linear)):
+        # The layout of the stacked tensors is stack_tensors' alone (unstack_tensors inverts it).
+        state = stack_tensors([m.state_dict() for m in layers], first)
+        floats = [v for v in state.values() if v.is_floating_point()]
+        kw = dict(device=floats[0].device, dtype=floats[0].dtype) if floats else {}
         if isinstance(first, nn.modules.conv._ConvNd):
             conv = copy.deepcopy(first)
-            conv.in_channels, conv.groups = first.in_channels * n, first.groups * n
-            if isinstance(first, GatedConv2d):
-                conv.out_channels = first.out_channels * n
-                conv.weight = nn.Parameter(_gated_stack(layers))
-                if first.bias is not None:
-                    conv.bias = nn.Parameter(torch.cat([torch.cat([c.bias.detach().chunk(3)[b] for c in layers])
-                                                        for b in range(3)]))
-            else:
-                conv.out_channels = first.out_channels * n
-                conv.weight = nn.Parameter(torch.cat([m.weight.detach() for m in layers]))
-                if first.bias is not None:
-                    conv.bias = nn.Parameter(torch.cat([m.bias.detach() for m in layers]))
-            return conv
-        if isinstance(first, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            bn = type(first)(first.num_features * n, eps=first.eps, momentum=first.momentum, affine=first.affine,
-                             track_running_stats=first.track_running_stats,
-                             device=first.weight.device if first.affine else None)
-            for name in ("weight", "bias", "running_mean", "running_var"):
-                if getattr(first, name, None) is not None:
-                    getattr(bn, name).copy_(torch.cat([getattr(m, name).detach() for m in layers]))
-            if first.track_running_stats:
-                bn.num_batches_tracked.copy_(first.num_batches_tracked)
-            return bn.to(first.weight.dtype if first.affine else torch.float32)
-        if isinstance(first, nn.Linear):
-            lin = StackedLinear(n, first.in_features, first.out_features, first.bias is not None,
-                                device=first.weight.device, dtype=first.weight.dtype)
-            lin.weight.copy_(torch.stack([m.weight.detach() for m in layers]))
+            conv.in_channels, conv.out_channels, conv.groups = first.in_channels * n, first.out_channels * n, first.groups * n
+            conv.weight = nn.Parameter(state["weight"])
             if first.bias is not None:
-                lin.bias.copy_(torch.stack([m.bias.detach() for m in layers]))
-            return lin
+                conv.bias = nn.Parameter(state["bias"])
+            return conv
+        if isinstance(first, nn.Linear):
+            layer = StackedLinear(n, first.in_features, first.out_features, first.bias is not None, **kw)
+        else:
+            layer = type(first)(first.num_features * n, eps=first.eps, momentum=first.momentum, affine=first.affine,
+                                track_running_stats=first.track_running_stats, **kw)
+        layer.load_state_dict(state)
+        return layer
     if isinstance(first, _CHANNELWISE) and not list(first.parameters(recurse=False)):
         return copy.deepcopy(first)
     raise ValueError(f"cannot stack {type(first).__name__}: supported are convs, batch norms, linear layers "

@@ -83,8 +83,8 @@ def _stack_optimizer(opt: torch.optim.Optimizer, stacked: nn.Module, cells: list
     states = [c.opt.state for c in cells]
     for name, p in stacked.named_parameters():
         got = [s.get(pc[name]) for s, pc in zip(states, per_cell)]
-        if any(g is None or not g for g in got):
-            if any(g for g in got):
+        if not all(got):
+            if any(got):
                 raise RunError("cells of one stack differ in optimizer state (some have taken steps, some not)")
             continue
         entry = {}
@@ -120,15 +120,18 @@ def _unstack_into(stacked: nn.Module, opt: torch.optim.Optimizer, cells: list[_C
                                       for key, value in entry.items()}
 
 
-def _build(cells: list[_Cell], channels_last: bool, device):
+def _build(cells: list[_Cell], device):
+    """(stacked model, its optimizer holding the cells' states, the training forward: compiled with
+    ``compile``; checkpoints, evaluation and unstacking use the module itself)."""
+    cfg = cells[0].cfg
     stacked = stack_models([c.model for c in cells]).to(device)
-    if channels_last:
+    if cfg.channels_last:
         stacked = stacked.to(memory_format=torch.channels_last)
     if [n for n, _ in stacked.named_parameters()] != [n for n, _ in cells[0].model.named_parameters()]:
         raise RunError("the stacked model's parameters do not line up with a cell's")  # a stacking bug, not input
-    opt = make_optimizer(cells[0].cfg, stacked.parameters())
+    opt = make_optimizer(cfg, stacked.parameters())
     _stack_optimizer(opt, stacked, cells)
-    return stacked, opt
+    return stacked, opt, torch.compile(stacked) if cfg.compile else stacked
 
 
 def _evaluate(stacked: nn.Module, n: int, x, y, norm: Normalizer, device, cfg: TrainConfig) -> list[tuple[float, float]]:
@@ -228,14 +231,8 @@ def train_stacked(cfgs: list[TrainConfig], *, resume: list[bool] | bool = False,
     if len(steps) > 1:
         raise RunError("cells of one stack must resume at the same step; got "
                        + ", ".join(f"{c.out}: {c.start}" for c in cells) + "; run them one by one")
-    step = steps.pop()
-    if step >= total:  # every cell's last checkpoint is its end (a kill before final.pt)
-        for c in cells:
-            _atomic_save({k: v.contiguous() for k, v in c.model.state_dict().items()}, c.out / "final.pt")
-        return [c.last for c in cells]
-    stacked, opt = _build(cells, cfg0.channels_last, device)
-    # The training forward may be compiled; checkpoints, evaluation and unstacking use the module itself.
-    forward = torch.compile(stacked) if cfg0.compile else stacked
+    step = steps.pop()  # total when every cell's last checkpoint is its end (a kill before final.pt)
+    stacked, opt, forward = _build(cells, device)
     if log.bar is not None:
         log.bar.update(step - log.bar.n)
     log.line(f"stack of {len(cells)} cells ({names}) from step {step}/{total}")
@@ -244,7 +241,6 @@ def train_stacked(cfgs: list[TrainConfig], *, resume: list[bool] | bool = False,
     handlers = {sig: signal.signal(sig, lambda signum, frame: interrupted.__setitem__("flag", signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     t0 = time.perf_counter()
-    done: list[_Cell] = []
     diverged: list[str] = []
     stacked.train()
     try:
@@ -275,17 +271,13 @@ def train_stacked(cfgs: list[TrainConfig], *, resume: list[bool] | bool = False,
             step += 1
             _fault("step")
             if dead:
-                live = [c for i, c in enumerate(cells) if i not in dead]
-                if live:
-                    _unstack_into(stacked, opt, cells, lr)
-                    keep = [i for i in range(len(cells)) if i not in dead]
-                    lvs = [lvs[i] for i in keep]
-                    cells = live
-                    stacked, opt = _build(cells, cfg0.channels_last, device)
-                    forward = torch.compile(stacked) if cfg0.compile else stacked
-                else:
+                keep = [i for i in range(len(cells)) if i not in dead]
+                if not keep:
                     cells = []
                     break
+                _unstack_into(stacked, opt, cells, lr)
+                cells, lvs = [cells[i] for i in keep], [lvs[i] for i in keep]
+                stacked, opt, forward = _build(cells, device)
             elapsed = time.perf_counter() - t0
             for c, lv in zip(cells, lvs):
                 c.losses.append(lv)
@@ -323,10 +315,9 @@ def train_stacked(cfgs: list[TrainConfig], *, resume: list[bool] | bool = False,
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         log.close()
-    for c in cells:  # the last step checkpointed into each cell's own model just above
+    for c in cells:  # each cell's own model holds its last step (checkpointed, or loaded at total)
         _atomic_save({k: v.contiguous() for k, v in c.model.state_dict().items()}, c.out / "final.pt")
-        done.append(c)
     if diverged:
         raise RunError(f"loss became non-finite in {', '.join(diverged)}; "
-                       f"{len(done)} other cell{'s' if len(done) != 1 else ''} finished")
-    return [c.last for c in done]
+                       f"{len(cells)} other cell{'s' if len(cells) != 1 else ''} finished")
+    return [c.last for c in cells]

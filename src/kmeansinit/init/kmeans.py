@@ -149,8 +149,7 @@ def _lloyd_phase(taps, images, targets, reports, weights, o: KMeansOptions, gen,
             inputs.cache_bytes = 0
         if o.preprocess == "zca":
             space = ZCASpace(t.module, stats, eps_zca=o.zca_eps, max_patches=o.stat_patches, seed=o.seed,
-                             eigh_dtype=getattr(torch, o.zca_eigh),
-                             factor="cholesky" if o.whitening == "cholesky" else "eigh")
+                             eigh_dtype=getattr(torch, o.zca_eigh), whitening=o.whitening)
         else:
             space = RawSpace(t.module, _channel_mean(stats, t.module) if o.preprocess == "center" else None)
         if online:

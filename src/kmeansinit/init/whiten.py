@@ -102,7 +102,7 @@ class ZCASpace:
 
     def __init__(self, layer: nn.Module, chunks, eps_norm: float = 1e-2, eps_zca: float = 1e-2,
                  max_patches: int | None = None, seed: int = 0, eigh_dtype: torch.dtype = torch.float64,
-                 factor: str = "eigh"):
+                 whitening: str = "zca"):
         """Patch mean and covariance from ``chunks`` (layer inputs): all patches, or at most about
         ``max_patches`` of them, an equal random share from each chunk, drawn by ``(seed, chunk index)``
         so that a distributed init picks the rows a single process picks. The covariance is always
@@ -110,14 +110,14 @@ class ZCASpace:
         about twice as fast on the CPU; its eigenvalue errors, about 1e-7 of the largest, sit far
         below the regularizer ``eps_zca * mean(L)`` every eigenvalue gets).
 
-        ``factor="cholesky"``: instead of ZCA's symmetric ``W = (C + eps I)^(-1/2)``, the whitening
+        ``whitening="cholesky"``: instead of ZCA's symmetric ``W = (C + eps I)^(-1/2)``, the whitening
         ``W = L^(-1)`` from the Cholesky factor ``C + eps I = L L^T``. Both satisfy ``W^T W = (C + eps I)^(-1)``,
         so one whitened space is a rotation of the other (``W_chol = Q W_zca``, ``Q`` orthogonal): every
         inner product between whitened vectors, hence every assignment and every raw filter
         ``P W^T c``, is the same, for a fraction of the cost (no eigendecomposition: PaperNet's
         1,936-dimensional second layer takes seconds to diagonalize on a CPU)."""
-        if factor not in ("eigh", "cholesky"):
-            raise ValueError(f"factor must be 'eigh' or 'cholesky', got {factor!r}")
+        if whitening not in ("zca", "cholesky"):
+            raise ValueError(f"whitening must be 'zca' or 'cholesky', got {whitening!r}")
         self.layer, self.eps_norm = layer, eps_norm
         self._scales: dict[int, tuple] = {}
         from ..distributed import all_reduce_
@@ -154,7 +154,7 @@ class ZCASpace:
         self.m = total / count
         # In place: a D x D float64 matrix is 30 MB for PaperNet's second layer, and each copy counts.
         cov = outer.div_(count).addr_(self.m, self.m, alpha=-1)
-        if factor == "cholesky":
+        if whitening == "cholesky":
             # eps_zca relative to the mean eigenvalue (the trace over D), as below.
             eps = eps_zca * float(cov.diagonal().sum().clamp_min(0)) / dim
             cov.diagonal().add_(eps)
@@ -202,7 +202,7 @@ class ZCASpace:
         return torch.sqrt(var + self.eps_norm)
 
     def _raw_and_offset(self, c: Tensor) -> tuple[Tensor, Tensor]:
-        wc = c.flatten(1).double() @ self.W  # rows of W^T c_k (W is not symmetric under factor="cholesky")
+        wc = c.flatten(1).double() @ self.W  # rows of W^T c_k (W is not symmetric under whitening="cholesky")
         raw = (wc - wc.mean(dim=1, keepdim=True)).to(c.dtype).reshape(c.shape)  # P W^T c
         return raw, wc @ self.m
 

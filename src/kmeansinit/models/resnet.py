@@ -36,7 +36,7 @@ class BasicBlock(nn.Module):
         # Option A: no parameters; subsample, then zero channels split on both sides.
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
-        if self.extra and self.cells == 1:
+        if self.extra and self.cells == 1:  # one net: the plain 4-d pad; the 5-d path below is for stacks
             x = F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
         elif self.extra:
             b, c, h, w = x.shape
