@@ -80,7 +80,10 @@ def wait_for(condition, seconds=120):
     return False
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_bit_identical(fake_cifar10, tmp_path):
+    # An outside SIGKILL after a checkpoint (20 s, out of CI: tests/test_faults.py kills at three
+    # injected moments in CI, all ten with -m slow).
     # Uninterrupted reference.
     subprocess.run(_cli(fake_cifar10, tmp_path / "ref"), check=True, capture_output=True)
     # Same run, SIGKILLed after a checkpoint past step 6, then resumed.

@@ -11,6 +11,7 @@ import torch
 from torch.testing import assert_close
 
 import kmeansinit.train_stacked as ts
+from kmeansinit.cli import main
 from kmeansinit.train import RunError, TrainConfig, load_state, train
 from kmeansinit.train_stacked import train_stacked
 
@@ -66,7 +67,10 @@ def assert_same_run(alone, stacked, tol):
                 assert y[key] == pytest.approx(x[key], rel=tol, abs=tol), key
 
 
-@pytest.mark.parametrize("model,optimizer,steps", [("paper", "sgd", 50), ("paper", "adam", 25), ("resnet20", "sgd", 25)])
+# PaperNet/SGD in CI; Adam and ResNet-20 (30 s together) with -m slow.
+@pytest.mark.parametrize("model,optimizer,steps", [("paper", "sgd", 50),
+                                                   pytest.param("paper", "adam", 25, marks=pytest.mark.slow),
+                                                   pytest.param("resnet20", "sgd", 25, marks=pytest.mark.slow)])
 def test_stacked_cells_equal_each_cell_alone(data, tmp_path, float64, model, optimizer, steps):
     for name, kw in CELLS:
         train(config(data, tmp_path / f"alone-{name}", model, optimizer, iterations=steps, **kw), progress=False)
@@ -169,7 +173,7 @@ def test_cells_at_different_steps_do_not_resume_as_one_stack(data, tmp_path):
         train_stacked([a, b], resume=True, progress=False)
 
 
-def test_stack_command_line_and_its_errors(data, tmp_path):
+def test_stack_command_line_and_its_errors(data, tmp_path, capsys):
     run = [sys.executable, "-m", "kmeansinit", "stack", "--quiet"]
     cells = [f"--data {data} --width 0.25 --batch-size 8 --iterations 6 --eval-every 3 --init {init} --seed {i} "
              f"--out {tmp_path / init}" for i, init in enumerate(("he", "xavier"))]
@@ -183,12 +187,12 @@ def test_stack_command_line_and_its_errors(data, tmp_path):
     assert done.returncode == 0, done.stderr
     assert [json.loads(line)["step"] for line in done.stdout.splitlines() if line.startswith("{")] == [6, 6]
     assert "resumed" in done.stdout and all((tmp_path / n / "final.pt").exists() for n in ("he", "xavier"))
-    bad = subprocess.run(run + ["--cell", cells[0].replace("he --seed", "he --lr 0.5 --seed").replace("/he", "/he2"),
-                                "--cell", cells[1].replace("/xavier", "/x2")],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("kmeansinit: error: cells of one stack must share lr")
-    bad = subprocess.run(run + ["--cell", "--init nonsense"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "--cell 1 ('--init nonsense') is not a valid set of train arguments" in bad.stderr
+    # Bad cells, in process (a subprocess costs seconds of imports each).
+    assert main(["stack", "--quiet", "--cell", cells[0].replace("he --seed", "he --lr 0.5 --seed").replace("/he", "/he2"),
+                 "--cell", cells[1].replace("/xavier", "/x2")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("kmeansinit: error: cells of one stack must share lr")
+    assert main(["stack", "--quiet", "--cell", "--init nonsense"]) == 2
+    assert "--cell 1 ('--init nonsense') is not a valid set of train arguments" in capsys.readouterr().err
 
 
 @pytest.mark.slow
