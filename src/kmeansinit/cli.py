@@ -155,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fair: optimizers (repeatable; default sgd, and adam on paper)")
     r.add_argument("--val", type=int, default=5000, help="fair: validation images held out of the training set")
     r.add_argument("--precision", choices=["fp32", "bf16"], default="bf16", help="fair: training precision (bf16 by default: faster on CPUs with bf16 units; accuracy parity in docs/results/bf16)")
+    pk = sub.add_parser("pack", help="write a compact JPEG copy of a dataset (.npz) that --data accepts")
+    pk.add_argument("--dataset", choices=["cifar10", "cifar100", "folder"], default="cifar10")
+    pk.add_argument("--data", default="../shared/data", help="the dataset to pack (as train's --data)")
+    pk.add_argument("--label", choices=["fine", "coarse"], default="fine", help="CIFAR-100: the labels the pack keeps")
+    pk.add_argument("--image-size", type=int, default=None, help="image folders: resize to N x N")
+    pk.add_argument("--quality", type=int, default=75, help="JPEG quality (default 75: our CIFAR-10 copy's own)")
+    pk.add_argument("--out", required=True, help="the pack, a .npz file")
     rep = sub.add_parser("report", help="write report.md, curves.png, filters.png from run folders")
     rep.add_argument("dir")
     rep.add_argument("--title", default=None)
@@ -211,6 +218,16 @@ def main(argv=None) -> int:
             failed = run_grid(cells, jobs=args.jobs, dry_run=args.dry_run, stack=args.stack)
             if not args.dry_run:
                 print(f"report: {write_report(out, title=f'{args.grid} ({args.schedule} schedule)')}")
+        elif args.command == "pack":
+            from .data import load_dataset
+            from .packed import pack_dataset
+
+            ds = load_dataset(args.dataset, args.data, label=args.label, image_size=args.image_size)
+            info = pack_dataset(ds, args.out, quality=args.quality,
+                                label=args.label if args.dataset == "cifar100" else None)
+            print(f"{args.out}: {info['train_images']} + {info['test_images']} images, {info['bytes'] / 2**20:.1f} MiB; "
+                  f"mean absolute pixel error {info['train_mean_abs_error']:.3f} (train), "
+                  f"{info['test_mean_abs_error']:.3f} (test) grey levels")
         elif args.command == "report":
             from pathlib import Path
 

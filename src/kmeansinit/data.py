@@ -2,7 +2,8 @@
 
 Readers: CIFAR-10 / CIFAR-100 in the official "python version" layout (a folder or the official
 ``.tar.gz``), optionally downloaded and md5-checked; any image-folder dataset
-(``train/<class>/*.png|jpg``, ``test/<class>/*``), decoded once and cached.
+(``train/<class>/*.png|jpg``, ``test/<class>/*``), decoded once and cached; a compact JPEG pack of
+either (:mod:`kmeansinit.packed`), for a machine the full files cannot travel to.
 
 Preprocessing (the paper: "zero-centred and scaled to [-1, 1]"): ``x / 255`` minus the per-channel
 mean of the training set, divided per channel by the largest absolute value that channel takes on
@@ -247,7 +248,12 @@ def load_image_folder(root: str | os.PathLike, *, size: int | None = None, cache
 
 def load_dataset(name: str, data: str | os.PathLike, *, download: bool = False, label: str = "fine",
                  image_size: int | None = None) -> Dataset:
-    """``name`` is ``cifar10``, ``cifar100`` or ``folder`` (an image-folder dataset at ``data``)."""
+    """``name`` is ``cifar10``, ``cifar100`` or ``folder`` (an image-folder dataset at ``data``); a
+    ``data`` that is an ``.npz`` file is a pack of that dataset (:mod:`kmeansinit.packed`)."""
+    from .packed import is_pack, load_packed
+
+    if is_pack(data):
+        return load_packed(data, None if name == "folder" else name, None if name == "cifar10" else label)
     if name == "folder":
         return load_image_folder(data, size=image_size)
     return load_cifar(data, name, label=label, download_to=data if download else None)

@@ -16,7 +16,6 @@ each is an ordinary resumable run folder (:mod:`kmeansinit.experiments`).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -8,7 +8,6 @@ at one epoch and at the end (mean ± sd and a 95% t-interval over seeds), the it
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
