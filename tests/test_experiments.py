@@ -14,18 +14,16 @@ TINY = dict(width=0.25, batch_size=8, init_images=16, init_options=dict(steps=1)
 
 
 def tiny_table2(data, out, seeds=1):
+    # The tiny schedule keeps the k-means cells cheap: 2 solver steps instead of the paper's 10,000.
     cells = build_grid("table2", out=out, schedule="tiny", seeds=seeds, data=str(data), extra=dict(width=0.25, batch_size=8, init_images=16))
-    # Keep the k-means cells cheap: a few init steps instead of the paper's 10,000.
-    for c in cells:
-        if c.config.init.startswith("kmeans"):
-            c.config.init_options = dict(steps=2, refine_steps=1) if c.config.init == "kmeans" else dict(steps=2)
+    assert all(c.config.init_options.get("steps") == 2 for c in cells if c.config.init.startswith("kmeans"))
     return cells
 
 
 def test_grid_shapes():
     t2 = build_grid("table2", out="g", seeds=2)
-    assert len(t2) == 2 * 5 * 2 and {c.config.optimizer for c in t2} == {"sgd", "adam"}
-    assert {c.config.init for c in t2} == {"normal", "xavier", "he", "kmeans-paper", "kmeans"}
+    assert len(t2) == 2 * 6 * 2 and {c.config.optimizer for c in t2} == {"sgd", "adam"}
+    assert {c.config.init for c in t2} == {"normal", "xavier", "he", "kmeans-paper", "kmeans", "kmeans-he-norm"}
     ab = build_grid("ablation", out="g")
     assert sorted(c.config.init_options.get("cosine_weight", -1) for c in ab) == [-1, 0.0, 1.0, 10.0, 100.0]
     # The short schedule's joint inits take 2,000 steps; the paper schedule keeps the paper's 10,000.
@@ -48,7 +46,7 @@ def test_table3_includes_cifar100_when_present(fake_cifar100):
 
 def test_grid_runs_skips_resumes_and_reports(fake_cifar10, tmp_path):
     out = tmp_path / "grid"
-    # Five of the ten cells (each is a subprocess): two that finish first, one to interrupt, and the
+    # Five of the twelve cells (each is a subprocess): two that finish first, one to interrupt, and the
     # SGD and Adam cells of one k-means init.
     cells = [c for c in tiny_table2(fake_cifar10, out) if c.name in
              ("normal-sgd/s0", "normal-adam/s0", "he-adam/s0", "kmeans-paper-sgd/s0", "kmeans-paper-adam/s0")]
@@ -97,7 +95,7 @@ def test_dry_run_prints_commands_that_run(fake_cifar10, tmp_path, capsys):
 def test_reproduce_and_report_cli(fake_cifar10, tmp_path, capsys):
     assert main(["reproduce", "table2", "--schedule", "tiny", "--data", str(fake_cifar10), "--out",
                  str(tmp_path / "g"), "--dry-run"]) == 0
-    assert capsys.readouterr().out.count("kmeansinit train") == 10
+    assert capsys.readouterr().out.count("kmeansinit train") == 12
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err
 
@@ -344,7 +342,7 @@ def test_welch_interval_and_p_against_scipy():
 def test_stacked_grid_plans_cells_in_stacks(fake_cifar10, tmp_path):
     from kmeansinit.experiments import plan_jobs
 
-    cells = tiny_table2(fake_cifar10, tmp_path / "grid")  # 5 inits x (SGD, Adam)
+    cells = tiny_table2(fake_cifar10, tmp_path / "grid")  # 6 inits x (SGD, Adam)
     names = lambda jobs: [[c.name for c in job] for job in jobs]  # noqa: E731
     assert names(plan_jobs(cells, 1)) == [[c.name] for c in cells]
     sgd, adam = ([c.name for c in cells if c.config.optimizer == o] for o in ("sgd", "adam"))
