@@ -81,8 +81,9 @@ def lsuv_(model: nn.Module, images: Tensor, *, tol: float = 0.1, max_iters: int 
     """Layer-sequential unit-variance init (Mishkin & Matas 2016).
 
     Orthonormal weights, then, layer by layer in forward order, the weight is divided by the standard
-    deviation of the layer's output on ``images[:batch_size]`` until that variance is within ``tol`` of 1.
-    BN layers use batch statistics; running statistics and modes are restored afterwards.
+    deviation of the layer's output on ``images[:batch_size]`` until that variance is within ``tol`` of 1
+    (with a zero bias one division gets there). BN layers use batch statistics; running statistics and
+    modes are restored afterwards. All layers are scaled in one forward pass.
     """
     start = time.perf_counter()
     images = check_images(images, min_count=2)
@@ -98,24 +99,40 @@ def lsuv_(model: nn.Module, images: Tensor, *, tol: float = 0.1, max_iters: int 
             m.weight.copy_(q.reshape(m.weight.shape))
             if m.bias is not None:
                 m.bias.zero_()
-    reps = []
-    with preserved_state(model, keep), batchnorm_train_mode(model), torch.no_grad():
-        order = forward_order(model, layers, batch)
-        for name in order:
-            m = layers[name]
-            # Only this layer's weight changes while it is scaled, so its input is computed once (the
-            # forward stops there) and the layer alone is rerun: not the whole net per iteration.
-            with Taps(model, {name: m}) as taps:
-                x = taps.run(batch, stop_at=name)[name]
+    reps = {}
+
+    def scale_on_the_way(name, m):
+        # One forward pass scales every layer in forward order: each layer's hook sees its input as
+        # computed with every earlier layer already scaled, rescales its own weight and hands on the
+        # rescaled output. The same as scaling layer by layer with a forward per layer (O(L^2) layer
+        # evaluations; tests/test_init.py keeps that reference), at the cost of one forward.
+        def hook(module, args, out):
+            if name in reps:  # called again in the same pass (shared weights): scaled at its first call
+                return None
             it = 0
             for it in range(1, max_iters + 1):
-                var = float(m(x).var())
+                var = float(out.var())
                 if not math.isfinite(var) or var <= 0:
                     raise ValueError(f"layer {name}: output variance {var} on the LSUV batch; cannot scale")
                 if abs(var - 1.0) < tol:
                     break
                 m.weight.div_(math.sqrt(var))
-            reps.append(LayerReport(name, m.weight.shape[0], cosine_after=float(cosine_penalty(m.weight)), steps=it))
+                out = module.forward(*args)  # forward, not __call__: no hooks, no recursion
+            reps[name] = LayerReport(name, m.weight.shape[0], cosine_after=float(cosine_penalty(m.weight)), steps=it)
+            return out
+
+        return hook
+
+    with preserved_state(model, keep), batchnorm_train_mode(model), torch.no_grad():
+        forward_order(model, layers, batch)  # warns of layers the forward never calls
+        handles = [m.register_forward_hook(scale_on_the_way(n, m)) for n, m in layers.items()]
+        try:
+            with Taps(model, {}) as taps:  # only for its one-line error when the images do not fit
+                taps.run(batch)
+        finally:
+            for h in handles:
+                h.remove()
+    reps = list(reps.values())
     return InitReport(method="lsuv", layers=reps, seconds=time.perf_counter() - start,
                       options=dict(tol=tol, max_iters=max_iters, batch_size=batch_size))
 
