@@ -485,6 +485,25 @@ def test_scale_options_give_promised_norms_and_variance():
         assert abs(float(outs[c].var(unbiased=False)) - 1) < 1e-3
 
 
+def test_kmeans_variance_preset_is_kmeans_at_unit_output_variance():
+    from kmeansinit.models import PaperNet
+
+    x = images(64, size=32)
+    a, b = PaperNet(width=0.25, batch_norm=False), PaperNet(width=0.25, batch_norm=False)
+    initialize_(a, "kmeans-variance", x, progress=False)
+    initialize_(b, "kmeans", x, scale="variance", progress=False)
+    for (k, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), k
+    h, convs = x, 0
+    with torch.no_grad():
+        for m in a.features:
+            h = m(h)
+            if isinstance(m, nn.Conv2d):
+                convs += 1
+                assert abs(float(h.var(unbiased=False)) - 1) < 1e-2, m
+    assert convs >= 3
+
+
 def test_first_n_layers_only_and_he_base():
     torch.manual_seed(0)
     model = small_net()

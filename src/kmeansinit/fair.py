@@ -67,6 +67,7 @@ FAIR_ARCHS = {
     # data-dependent norm too (LSUV-style unit output variance per layer).
     "paper-nobn": FairArch("paper", {"sgd": [1e-3, 4e-3, 1.6e-2, 6.4e-2]}, recipe="paper", final_epochs=3.0,
                            extra=dict(batch_norm=False),
+                           # = the kmeans-variance preset, added after these cells ran (same weights: tested)
                            inits={"kmeans-variance": dict(init="kmeans", init_options=dict(scale="variance"))}),
     # Few labels, many unlabelled images (Coates & Ng 2011): 2,000 labelled training images (200 a
     # class); the data-dependent inits see all 45,000. 20 epochs of the labelled set (300 steps) to

@@ -24,6 +24,10 @@ PRESETS: dict[str, dict] = {
     # Control: the `kmeans` preset's directions at He's filter norm (sqrt 2), to tell the direction
     # from the scale (with BN after a conv the norm only sets the effective learning rate).
     "kmeans-he-norm": dict(mode="layerwise", solver="lloyd", preprocess="zca", pairs=True, scale="he"),
+    # The same directions, each layer in forward order scaled to unit output variance on the init
+    # images (as LSUV does): for nets without BN, where the init's scale is the forward pass's scale
+    # (docs/results/fair.md: PaperNet without BN, 8.8 points above the best baseline after 3 epochs).
+    "kmeans-variance": dict(mode="layerwise", solver="lloyd", preprocess="zca", pairs=True, scale="variance"),
     # The paper's joint objective solved by our fast solver (Lloyd + joint Adam refinement).
     "kmeans-joint": dict(mode="joint", solver="lloyd"),
     # The paper as written: joint objective summed over patches, lambda = 100, momentum SGD for
@@ -62,8 +66,9 @@ def initialize_(model: nn.Module, method: str, images: Tensor | None = None, **o
 
     Methods: ``"normal"`` (std 1e-3), ``"xavier"``, ``"he"``, ``"he-kmeans-norm"`` (no data);
     ``"lsuv"``, ``"whitening"``,
-    ``"kmeans"`` (recommended preset), ``"kmeans-paper"`` (the paper's recipe), ``"kmeans-layerwise"``
-    (these need ``images``). ``options`` go to the underlying function and override a preset's values.
+    ``"kmeans"`` (our first preset), ``"kmeans-he-norm"`` and ``"kmeans-variance"`` (its directions at
+    He's norm, or at unit output variance per layer), ``"kmeans-joint"``, ``"kmeans-paper"`` (the
+    paper's recipe), ``"kmeans-layerwise"`` (these need ``images``). ``options`` go to the underlying function and override a preset's values.
     Data-free methods set linear layers too. The k-means presets first apply ``base`` (default
     ``"he"``; ``None`` to keep the current weights) to every conv and linear layer, seeded by
     ``seed``, then set the conv layers by k-means (``include_linear=True`` for linear ones too), so
