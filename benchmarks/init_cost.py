@@ -58,9 +58,9 @@ def step_seconds(model, dev, steps: int) -> float:
     return times[len(times) // 2]
 
 
-def init_seconds(name: str, init: str, images, dev, options=None) -> tuple[float, object]:
+def init_seconds(name: str, init: str, images, dev, options=None, width: float = 1.0) -> tuple[float, object]:
     torch.manual_seed(0)
-    m = create_model(name).to(dev).to(memory_format=torch.channels_last)
+    m = create_model(name, width=width).to(dev).to(memory_format=torch.channels_last)
     t = time.perf_counter()
     rep = initialize_(m, init, images, progress=False, **(options or {}))
     return time.perf_counter() - t, rep
@@ -74,9 +74,9 @@ def parse_variant(text: str) -> tuple[str, str, dict]:
     return label, init, options
 
 
-def profile_init(name: str, init: str, images, dev, rows: int = 12, options=None, label=None) -> list[str]:
+def profile_init(name: str, init: str, images, dev, rows: int = 12, options=None, label=None, width: float = 1.0) -> list[str]:
     torch.manual_seed(0)
-    m = create_model(name).to(dev).to(memory_format=torch.channels_last)
+    m = create_model(name, width=width).to(dev).to(memory_format=torch.channels_last)
     pr = cProfile.Profile()
     pr.enable()
     initialize_(m, init, images, progress=False, **(options or {}))
@@ -99,6 +99,7 @@ def main():
     p.add_argument("--models", default="paper,resnet20,mobilenetv2")
     p.add_argument("--inits", default="kmeans,kmeans-he-norm,lsuv")
     p.add_argument("--images", type=int, default=256)
+    p.add_argument("--width", type=float, default=1.0, help="width multiplier of every model")
     p.add_argument("--steps", type=int, default=20, help="training steps timed per model")
     p.add_argument("--repeats", type=int, default=2, help="timed inits per (model, init); the median is kept")
     p.add_argument("--data", default=None, help="a folder holding cifar-10-batches-py (default: noise images)")
@@ -115,14 +116,14 @@ def main():
     profiles = []
     for name in a.models.split(","):
         torch.manual_seed(0)
-        model = create_model(name).to(dev).to(memory_format=torch.channels_last)
+        model = create_model(name, width=a.width).to(dev).to(memory_format=torch.channels_last)
         rows = [(init, init, {}) for init in a.inits.split(",")] + [parse_variant(v) for v in a.variant]
         for label, init, options in rows:
             options = dict(options)
             seen = images[:options.pop("images")] if "images" in options else images
             inits, steps = [], []
             for _ in range(a.repeats):  # alternate init and training steps: drift hits both
-                s, rep = init_seconds(name, init, seen, dev, options)
+                s, rep = init_seconds(name, init, seen, dev, options, a.width)
                 inits.append(s)
                 steps.append(step_seconds(model, dev, a.steps))
             s_init, s_step = sorted(inits)[len(inits) // 2], sorted(steps)[len(steps) // 2]
@@ -130,10 +131,11 @@ def main():
             skipped = len(getattr(rep, "skipped", None) or {})
             shown = init if label == init else f"{label}: {init} {options}" + \
                 (f", {seen.shape[0]} images" if seen.shape[0] != images.shape[0] else "")
-            lines.append(f"| {name} | {shown} | {s_init:.2f} | {epoch:.1f} | {s_init / epoch:.3f} | {skipped} |")
+            shown_name = name if a.width == 1.0 else f"{name} (width {a.width:g})"
+            lines.append(f"| {shown_name} | {shown} | {s_init:.2f} | {epoch:.1f} | {s_init / epoch:.3f} | {skipped} |")
             print(lines[-1], flush=True)
             if a.profile and init.startswith("kmeans"):
-                profiles += profile_init(name, init, seen, dev, options=options, label=label)
+                profiles += profile_init(name, init, seen, dev, options=options, label=label, width=a.width)
     append_results(f"Init cost against one training epoch ({dev.type}, {a.images} images)", dev, lines + [""] + profiles)
 
 
