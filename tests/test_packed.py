@@ -8,7 +8,7 @@ from PIL import Image
 
 from kmeansinit.cli import main
 from kmeansinit.data import Dataset, DataError, load_dataset
-from kmeansinit.packed import load_packed, pack_dataset
+from kmeansinit.packed import PackError, load_packed, pack_dataset
 
 
 def smooth_images(n: int, seed: int = 0) -> torch.Tensor:
@@ -45,7 +45,7 @@ def test_a_pack_is_each_images_own_jpeg_with_one_shared_header(tmp_path):
     files = sum(len(b) for b in full) + sum(len(jpeg(im)) for im in ds.test_x.permute(0, 2, 3, 1).numpy())
     n = len(ds.train_x) + len(ds.test_x)
     assert info["bytes"] < files - (n - 1) * len(header) + 4096
-    back = load_packed(tmp_path / "p.npz")
+    back = load_dataset("cifar10", tmp_path / "p.npz")
     decoded = torch.stack([torch.from_numpy(np.array(Image.open(io.BytesIO(b)))).permute(2, 0, 1) for b in full])
     assert torch.equal(back.train_x, decoded)
     assert torch.equal(back.train_y, ds.train_y) and torch.equal(back.test_y, ds.test_y)
@@ -55,7 +55,7 @@ def test_a_pack_is_each_images_own_jpeg_with_one_shared_header(tmp_path):
     assert info["test_mean_abs_error"] == pytest.approx(float(err.float().mean()))
     assert info["test_max_abs_error"] == int(err.max())
     assert float(err.float().mean()) < 8.0  # smooth images survive quality 75 within a few grey levels (noise: ~60)
-    assert torch.equal(load_packed(tmp_path / "p.npz").train_x, back.train_x)  # decoding is deterministic
+    assert torch.equal(load_packed(tmp_path / "p.npz")["train_x"], back.train_x)  # decoding is deterministic
 
 
 def test_higher_quality_is_closer_and_larger(tmp_path):
@@ -84,14 +84,16 @@ def test_bad_packs_and_arguments_are_named(tmp_path, capsys):
         pack_dataset(dataset(), tmp_path / "p.bin")
     grey = Dataset(torch.zeros(2, 1, 32, 32, dtype=torch.uint8), torch.zeros(2, dtype=torch.long),
                    torch.zeros(1, 1, 32, 32, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), classes=["a"])
-    with pytest.raises(DataError, match=r"train images: expected uint8 \(N, 3, H, W\)"):
+    with pytest.raises(PackError, match=r"train images: expected uint8 \(N, 3, H, W\)"):
         pack_dataset(grey, tmp_path / "g.npz")
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not a zip file")
-    with pytest.raises(DataError, match="garbage.npz: unreadable pack"):
+    with pytest.raises(PackError, match="garbage.npz: unreadable pack"):
         load_packed(garbage)
+    with pytest.raises(DataError, match="garbage.npz: unreadable pack"):
+        load_dataset("cifar10", garbage)
     np.savez(tmp_path / "other.npz", meta=np.frombuffer(b'{"format": "x"}', dtype=np.uint8))
-    with pytest.raises(DataError, match="not a kmeansinit pack"):
+    with pytest.raises(PackError, match="not a kmeansinit pack"):
         load_packed(tmp_path / "other.npz")
     pack_dataset(dataset(name="cifar100"), tmp_path / "c100.npz", label="coarse")
     with pytest.raises(DataError, match="holds cifar100, not cifar10"):

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .packed import PackError, is_pack, load_packed
+
 __all__ = ["Dataset", "DataError", "load_cifar", "load_image_folder", "load_dataset", "Normalizer", "BatchLoader",
            "flip_batch", "crop_batch", "CIFAR_SOURCES", "download"]
 
@@ -250,10 +252,11 @@ def load_dataset(name: str, data: str | os.PathLike, *, download: bool = False, 
                  image_size: int | None = None) -> Dataset:
     """``name`` is ``cifar10``, ``cifar100`` or ``folder`` (an image-folder dataset at ``data``); a
     ``data`` that is an ``.npz`` file is a pack of that dataset (:mod:`kmeansinit.packed`)."""
-    from .packed import is_pack, load_packed
-
     if is_pack(data):
-        return load_packed(data, None if name == "folder" else name, None if name == "cifar10" else label)
+        try:
+            return Dataset(**load_packed(data, None if name == "folder" else name, None if name == "cifar10" else label))
+        except PackError as e:
+            raise DataError(str(e)) from e
     if name == "folder":
         return load_image_folder(data, size=image_size)
     return load_cifar(data, name, label=label, download_to=data if download else None)

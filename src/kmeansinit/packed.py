@@ -13,8 +13,8 @@ official pixels by 5.8. :func:`pack_dataset` measures the error it makes and
 stores it in the pack; ``kmeansinit pack`` prints it. Runs on a pack compare with runs on the source
 only up to that error.
 
-:func:`load_packed` returns a :class:`~kmeansinit.data.Dataset`; ``--data PACK.npz`` reads one
-wherever a dataset folder is accepted.
+:func:`load_packed` returns a :class:`~kmeansinit.data.Dataset`'s fields, which
+``data.load_dataset`` wraps; ``--data PACK.npz`` reads a pack wherever a dataset folder is accepted.
 """
 from __future__ import annotations
 
@@ -27,9 +27,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import Dataset, DataError
+__all__ = ["pack_dataset", "load_packed", "is_pack", "PackError"]
 
-__all__ = ["pack_dataset", "load_packed", "is_pack"]
+
+class PackError(ValueError):
+    """A pack that cannot be written or read; the message names the file and what is wrong.
+    (``data.load_dataset`` raises it again as a ``DataError``; ``data.py`` imports this module, not the
+    other way round.)"""
 
 _SOS = b"\xff\xda"  # start of scan: everything before it is the shared header
 _FORMAT = "kmeansinit-jpeg-pack-1"
@@ -56,7 +60,7 @@ def _encode(x: Tensor, quality: int, where: str) -> tuple[bytes, list[bytes]]:
         if header is None:
             header = blob[:cut]
         elif blob[:cut] != header:  # one height and width, one quality: Pillow writes one header
-            raise DataError(f"{where}: image {i} has a JPEG header unlike the first one (mixed image sizes?)")
+            raise PackError(f"{where}: image {i} has a JPEG header unlike the first one (mixed image sizes?)")
         scans.append(blob[cut:])
     return header, scans
 
@@ -72,9 +76,10 @@ def _decode(header: bytes, scans: np.ndarray, offsets: np.ndarray, shape) -> Ten
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
-def pack_dataset(ds: Dataset, out: str | os.PathLike, *, quality: int = 75, label: str | None = None) -> dict:
-    """Write ``ds`` (RGB uint8 images) to the pack ``out`` (``.npz``); returns its summary: the size in
-    bytes and the mean / max absolute pixel error of the round trip, per split."""
+def pack_dataset(ds, out: str | os.PathLike, *, quality: int = 75, label: str | None = None) -> dict:
+    """Write ``ds`` (a :class:`~kmeansinit.data.Dataset`: RGB uint8 images) to the pack ``out``
+    (``.npz``); returns its summary: the size in bytes and the mean / max absolute pixel error of the
+    round trip, per split."""
     if not 1 <= quality <= 100:
         raise ValueError(f"quality must be in 1..100, got {quality}")
     out = Path(out)
@@ -84,10 +89,10 @@ def pack_dataset(ds: Dataset, out: str | os.PathLike, *, quality: int = 75, labe
     header = None
     for split, x, y in (("train", ds.train_x, ds.train_y), ("test", ds.test_x, ds.test_y)):
         if x.dim() != 4 or x.shape[1] != 3 or x.dtype != torch.uint8:
-            raise DataError(f"{split} images: expected uint8 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+            raise PackError(f"{split} images: expected uint8 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
         head, scans = _encode(x, quality, f"{ds.name} {split}")
         if header is not None and head != header:
-            raise DataError(f"{ds.name}: train and test images differ in size; a pack holds one size")
+            raise PackError(f"{ds.name}: train and test images differ in size; a pack holds one size")
         header = head
         lengths = np.array([len(s) for s in scans], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -115,30 +120,32 @@ def is_pack(path: str | os.PathLike) -> bool:
     return p.suffix == ".npz" and p.is_file()
 
 
-def load_packed(path: str | os.PathLike, name: str | None = None, label: str | None = None) -> Dataset:
-    """The :class:`Dataset` in the pack at ``path``; ``name`` / ``label``, when given, must be the
-    pack's (a CIFAR-100 pack holds the labels it was packed with)."""
+def load_packed(path: str | os.PathLike, name: str | None = None, label: str | None = None) -> dict:
+    """The pack at ``path`` as the fields of a :class:`~kmeansinit.data.Dataset` (``train_x``,
+    ``train_y``, ``test_x``, ``test_y``, ``classes``, ``name``); ``name`` / ``label``, when given,
+    must be the pack's (a CIFAR-100 pack holds the labels it was packed with)."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(z["meta"].tobytes().decode())
             if meta.get("format") != _FORMAT:
-                raise DataError(f"{path}: not a kmeansinit pack (format {meta.get('format')!r})")
+                raise PackError(f"{path}: not a kmeansinit pack (format {meta.get('format')!r})")
             header = z["header"].tobytes()
             parts = {}
             for split in ("train", "test"):
                 shape = tuple(int(v) for v in z[f"{split}_shape"])
                 offsets = z[f"{split}_offsets"]
                 if offsets.shape != (shape[0] + 1,):
-                    raise DataError(f"{path}: {split} offsets do not match its {shape[0]} images")
+                    raise PackError(f"{path}: {split} offsets do not match its {shape[0]} images")
                 x = _decode(header, z[f"{split}_scans"], offsets, shape)
                 parts[split] = (x, torch.from_numpy(z[f"{split}_labels"].copy()))
-    except DataError:
+    except PackError:
         raise
     except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: unreadable pack ({type(e).__name__}: {e})") from e
+        raise PackError(f"{path}: unreadable pack ({type(e).__name__}: {e})") from e
     if name is not None and meta["name"] and name != meta["name"]:
-        raise DataError(f"{path}: the pack holds {meta['name']}, not {name}")
+        raise PackError(f"{path}: the pack holds {meta['name']}, not {name}")
     if label is not None and meta.get("label") not in (None, label):
-        raise DataError(f"{path}: the pack holds the {meta['label']} labels, not {label}")
-    return Dataset(*parts["train"], *parts["test"], classes=meta["classes"], name=meta["name"])
+        raise PackError(f"{path}: the pack holds the {meta['label']} labels, not {label}")
+    (train_x, train_y), (test_x, test_y) = parts["train"], parts["test"]
+    return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=meta["classes"], name=meta["name"])
