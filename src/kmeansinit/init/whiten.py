@@ -120,6 +120,7 @@ class ZCASpace:
             raise ValueError(f"whitening must be 'zca' or 'cholesky', got {whitening!r}")
         self.layer, self.eps_norm = layer, eps_norm
         self._scales: dict[int, tuple] = {}
+        self._last_raw = None
         from ..distributed import all_reduce_
 
         w = layer.weight
@@ -202,9 +203,15 @@ class ZCASpace:
         return torch.sqrt(var + self.eps_norm)
 
     def _raw_and_offset(self, c: Tensor) -> tuple[Tensor, Tensor]:
+        # A Lloyd iteration asks for the same centroids' filters once per chunk: kept for the last c.
+        key = (id(c), c._version)
+        if self._last_raw is not None and self._last_raw[0] == key and self._last_raw[1]() is c:
+            return self._last_raw[2]
         wc = c.flatten(1).double() @ self.W  # rows of W^T c_k (W is not symmetric under whitening="cholesky")
         raw = (wc - wc.mean(dim=1, keepdim=True)).to(c.dtype).reshape(c.shape)  # P W^T c
-        return raw, wc @ self.m
+        out = (raw, wc @ self.m)
+        self._last_raw = (key, weakref.ref(c), out)
+        return out
 
     def to_raw(self, c: Tensor) -> Tensor:
         return self._raw_and_offset(c)[0]
