@@ -224,7 +224,7 @@ def main(argv=None) -> int:
 
             ds = load_dataset(args.dataset, args.data, label=args.label, image_size=args.image_size)
             info = pack_dataset(ds, args.out, quality=args.quality,
-                                label=args.label if args.dataset == "cifar100" else None)
+                                label=args.label if args.dataset == "cifar100" else None, progress=True)
             print(f"{args.out}: {info['train_images']} + {info['test_images']} images, {info['bytes'] / 2**20:.1f} MiB; "
                   f"mean absolute pixel error {info['train_mean_abs_error']:.3f} (train), "
                   f"{info['test_mean_abs_error']:.3f} (test) grey levels")

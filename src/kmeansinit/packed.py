@@ -47,12 +47,14 @@ def _image_module():
     return Image
 
 
-def _encode(x: Tensor, quality: int, where: str) -> tuple[bytes, list[bytes]]:
+def _encode(x: Tensor, quality: int, where: str, progress: bool = False) -> tuple[bytes, list[bytes]]:
     """The shared header and each image's scan, for uint8 images ``(N, 3, H, W)``."""
+    from tqdm import tqdm
+
     Image = _image_module()
     arr = x.permute(0, 2, 3, 1).contiguous().numpy()
     header, scans = None, []
-    for i, im in enumerate(arr):
+    for i, im in enumerate(tqdm(arr, desc=f"pack {where}", unit="img", disable=not progress, mininterval=1.0)):
         buf = io.BytesIO()
         Image.fromarray(im).save(buf, format="JPEG", quality=quality, subsampling=2)
         blob = buf.getvalue()
@@ -76,7 +78,8 @@ def _decode(header: bytes, scans: np.ndarray, offsets: np.ndarray, shape) -> Ten
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
-def pack_dataset(ds, out: str | os.PathLike, *, quality: int = 75, label: str | None = None) -> dict:
+def pack_dataset(ds, out: str | os.PathLike, *, quality: int = 75, label: str | None = None,
+                 progress: bool = False) -> dict:
     """Write ``ds`` (a :class:`~kmeansinit.data.Dataset`: RGB uint8 images) to the pack ``out``
     (``.npz``); returns its summary: the size in bytes and the mean / max absolute pixel error of the
     round trip, per split."""
@@ -90,7 +93,7 @@ def pack_dataset(ds, out: str | os.PathLike, *, quality: int = 75, label: str | 
     for split, x, y in (("train", ds.train_x, ds.train_y), ("test", ds.test_x, ds.test_y)):
         if x.dim() != 4 or x.shape[1] != 3 or x.dtype != torch.uint8:
             raise PackError(f"{split} images: expected uint8 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
-        head, scans = _encode(x, quality, f"{ds.name} {split}")
+        head, scans = _encode(x, quality, f"{ds.name} {split}", progress)
         if header is not None and head != header:
             raise PackError(f"{ds.name}: train and test images differ in size; a pack holds one size")
         header = head
