@@ -104,3 +104,26 @@ def test_bad_packs_and_arguments_are_named(tmp_path, capsys):
     assert main(["train", "--data", str(garbage), "--out", str(tmp_path / "r"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "garbage.npz" in err
+
+
+class _Planted:
+    """Unpickling this creates a file: what a malicious pack could try."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pack_holding_a_pickle_is_refused_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    good = tmp_path / "good.npz"
+    pack_dataset(dataset(), good)
+    with np.load(good) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["meta"] = np.array([_Planted(marker)], dtype=object)
+    np.savez(tmp_path / "evil.npz", **arrays)
+    with pytest.raises(DataError, match="evil.npz: unreadable pack"):
+        load_dataset("cifar10", tmp_path / "evil.npz")
+    assert not marker.exists()
