@@ -138,6 +138,32 @@ def test_one_lloyd_step_matches_the_reference(name, space, pairs):
     torch.testing.assert_close(w.reshape(k, -1), expect, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("name,pairs", [(n, pr) for n in ZCA_OK for pr in (False, True)], ids=lambda v: str(v))
+def test_one_lloyd_step_on_kept_rows_matches_the_reference(name, pairs):
+    """lloyd_rows (matrix form, on the rows a ZCASpace keeps; here every patch): the same step."""
+    from kmeansinit.init.lloyd import lloyd_rows
+
+    torch.manual_seed(0)
+    layer = LAYERS[name]().double()
+    x = torch.randn(*SHAPES.get(name, (12, 3, 8, 8)), dtype=torch.float64)
+    P = ref_patches(x, layer)[0]
+    k = layer.weight.shape[0]
+    z, W, _ = ref_zca(P)
+    gen = torch.Generator().manual_seed(1)
+    pick = F.normalize(z[torch.randperm(z.shape[0], generator=gen)[:k // 2 if pairs else k]], dim=1)
+    c0 = torch.cat([pick, -pick]) if pairs else pick
+    with Taps(nn.Sequential(layer), {"0": layer}, outputs=True) as taps, torch.no_grad():
+        inputs = _LayerInputs(taps, x, "0", batch_size=5, cache_bytes=2**30)
+        sp = ZCASpace(layer, inputs, max_patches=None, keep_rows=10**6)
+        assert sp.rows.shape[0] == P.shape[0]  # every patch kept
+        w, done = lloyd_rows(_target("0", layer), sp, 1, torch.Generator().manual_seed(0), pairs=pairs,
+                             start=c0.reshape(layer.weight.shape))
+    assert done == 1
+    c1 = ref_step(z, c0, pairs) @ W
+    expect = F.normalize(c1 - c1.mean(dim=1, keepdim=True), dim=1)
+    torch.testing.assert_close(w.reshape(k, -1), expect, rtol=1e-9, atol=1e-9)
+
+
 def test_reference_catches_a_wrong_assignment():
     """The reference must be able to fail: one step from centroids that differ changes the result."""
     torch.manual_seed(0)

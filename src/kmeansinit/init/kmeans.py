@@ -31,7 +31,7 @@ from torch import Tensor
 from ..distributed import world
 from ._model import Taps, batchnorm_train_mode, check_images, find_layers, forward_order, preserved_state
 from .gradient import _evaluate, _gradient_phase, joint_objective
-from .lloyd import lloyd, lloyd_online, orthogonalize_banks
+from .lloyd import lloyd, lloyd_online, lloyd_rows, orthogonalize_banks
 from .options import MODES, PREPROCESS, SOLVERS, KMeansOptions
 from .report import InitReport, LayerReport
 from .scale import SCALES, _calibrate_variance_, filter_norm, scale_filters_
@@ -149,10 +149,12 @@ def _lloyd_phase(taps, images, targets, reports, weights, o: KMeansOptions, gen,
             inputs.cache_bytes = 0
         if o.preprocess == "zca":
             space = ZCASpace(t.module, stats, eps_zca=o.zca_eps, max_patches=o.stat_patches, seed=o.seed,
-                             eigh_dtype=getattr(torch, o.zca_eigh), whitening=o.whitening)
+                             eigh_dtype=getattr(torch, o.zca_eigh), whitening=o.whitening, keep_rows=o.lloyd_patches)
         else:
             space = RawSpace(t.module, _channel_mean(stats, t.module) if o.preprocess == "center" else None)
-        if online:
+        if o.lloyd_patches is not None:  # sampled rows, kept by the statistics' pass: no pass over the inputs
+            w, done = lloyd_rows(t, space, o.steps, gen, pairs=o.pairs, orthogonal=o.orthogonal)
+        elif online:
             w, done = lloyd_online(t, inputs, space, o.stream_passes, gen, pairs=o.pairs, orthogonal=o.orthogonal,
                                    seeds=stats)
         else:

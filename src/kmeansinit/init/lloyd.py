@@ -214,3 +214,58 @@ def lloyd_online(t: _Target, inputs, space, passes: int, gen: torch.Generator, *
     iterations and no input is kept. ``seeds`` (a smaller set of inputs) supplies the first and
     re-seeded centroids. Same return as :func:`lloyd`."""
     return _solve(t, inputs, space, passes, gen, pairs, orthogonal, seeds, start, online=True)
+
+
+def lloyd_rows(t: _Target, space: ZCASpace, iters: int, gen: torch.Generator, *, pairs: bool = False,
+               orthogonal: bool = False, start: Tensor | None = None) -> tuple[Tensor, int]:
+    """Batch spherical k-means on the sampled patch rows ``space.rows`` (``ZCASpace(keep_rows=N)``), in
+    matrix form; same iterations, pairs, re-seeding and return as :func:`lloyd`.
+
+    :func:`lloyd` visits every patch position of every image in convolution form, each iteration a
+    pass over the layer's inputs; here an iteration is two products with an ``(N, D)`` matrix of
+    contrast-normalized rows ``p'``, never whitened explicitly: ``<z, c> = <p', W^T c> - <m, W^T c>``
+    for ``z = W (p' - m)``, and a cluster's sum of ``z`` is ``W (sum p' - n m)``. On the same rows
+    (every patch) it computes what :func:`lloyd` computes; on a sample it clusters that sample.
+    """
+    rows = space.rows
+    if rows is None:
+        raise ValueError(f"layer {t.name}: lloyd_rows needs the rows a ZCASpace keeps (keep_rows=N)")
+    if t.banks != 1:
+        raise ValueError(f"layer {t.name}: lloyd_rows clusters ungrouped layers only")
+    k, shape, dtype = t.filters, t.module.weight.shape, t.module.weight.dtype
+    W, m = space.W, space.m
+    partner = _partners(t) if pairs else None
+    ok = torch.nonzero(rows.norm(dim=1) > _EPS).reshape(-1)  # a constant patch normalizes to 0
+
+    def draw(n: int) -> Tensor:
+        if ok.numel() < n:
+            raise ValueError(f"layer {t.name}: fewer non-zero input patches than filters; give more (or more varied) images")
+        chosen = ok[torch.randperm(ok.numel(), generator=gen)[:n].to(ok.device)]
+        return unit_filters((rows[chosen].double() - m) @ W.t())
+
+    c = draw(k) if start is None else unit_filters(start.flatten(1).double())
+    if partner is not None:
+        c = unit_filters(c - c[partner])
+    done = 0
+    for _ in range(iters):
+        wc = c @ W  # rows of W^T c_k
+        r = rows @ wc.t().to(rows.dtype) - (wc @ m).to(rows.dtype)
+        idx = r.argmax(dim=1)
+        counts = torch.bincount(idx, minlength=k).double()
+        raw = torch.zeros(k, rows.shape[1], dtype=rows.dtype, device=rows.device).index_add_(0, idx, rows)
+        sums = (raw.double() - counts.reshape(-1, 1) * m) @ W.t()
+        if partner is not None:  # pairs: the partner's patches count with their sign flipped
+            sums, counts = sums - sums[partner], counts + counts[partner]
+        new = unit_filters(sums)
+        dead = (counts == 0) | (sums.norm(dim=1) <= _EPS)
+        if bool(dead.any()):
+            want = dead & (torch.arange(k, device=dead.device) < partner) if partner is not None else dead
+            new[want] = draw(int(want.sum()))
+            if partner is not None:
+                new[partner[want]] = -new[want]
+        done += 1
+        shift = (new - c).norm(dim=1).max()
+        c = new
+        if float(shift) < 1e-6:
+            break
+    return _filters(t, space, c.to(dtype).reshape(shape), orthogonal, partner), done

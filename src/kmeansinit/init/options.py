@@ -63,6 +63,11 @@ class KMeansOptions:
             this many images (the first ones).
         stat_patches: ``preprocess="zca"`` estimates each layer's patch covariance from at most about
             this many patches (a random, seeded share of every chunk; ``None``: all).
+        lloyd_patches: with ``preprocess="zca"``, run each layer's Lloyd iterations on about this many
+            sampled patches (an equal, seeded random share of every chunk of the statistics images) in
+            matrix form (:func:`~kmeansinit.init.lloyd.lloyd_rows`), instead of on every patch position
+            of every image in convolution form (``None``, the default). Much cheaper per iteration;
+            one process only.
         zca_eps: ``preprocess="zca"``'s regularizer, relative to the mean eigenvalue of the patch
             covariance: ``W = V (L + zca_eps * mean(L))^(-1/2) V^T``. Smaller values whiten the
             weakest (highest-frequency) directions more.
@@ -102,6 +107,7 @@ class KMeansOptions:
     stream_passes: int = 1
     stat_images: int = 4096
     stat_patches: int | None = 2**18
+    lloyd_patches: int | None = None
     zca_eps: float = 1e-2
     zca_eigh: str = "float64"
     whitening: str = "zca"
@@ -134,6 +140,11 @@ class KMeansOptions:
             raise ValueError(f"cosine_weight must be >= 0, got {self.cosine_weight}")
         if not self.zca_eps > 0:
             raise ValueError(f"zca_eps must be > 0, got {self.zca_eps}")
+        if self.lloyd_patches is not None:
+            if self.preprocess != "zca":
+                raise ValueError(f"lloyd_patches samples ZCA-whitened patches; it needs preprocess='zca', got {self.preprocess!r}")
+            if not isinstance(self.lloyd_patches, int) or self.lloyd_patches < 1:
+                raise ValueError(f"lloyd_patches must be a positive int or None, got {self.lloyd_patches!r}")
         if isinstance(self.layers, int) and not isinstance(self.layers, bool) and self.layers < 1:
             raise ValueError(f"layers must be >= 1 when an int, got {self.layers}")
 
@@ -155,6 +166,8 @@ class KMeansOptions:
         if o.lr is None:
             # Adam refinement: benchmarks/solver_sweep.py and RESULTS.md; SGD on unit filters by reduction.
             o.lr = 1e-2 if o.solver == "lloyd" else (1e-5 if o.reduction == "sum" else 1e-2)
+        if o.lloyd_patches is not None and world_size > 1:
+            raise ValueError("lloyd_patches runs in one process; under torch.distributed leave it None")
         o.accumulate = world_size if o.accumulate is None else o.accumulate
         if o.accumulate < 1:
             raise ValueError(f"accumulate must be >= 1, got {o.accumulate}")
@@ -172,5 +185,7 @@ class KMeansOptions:
                 d["zca_eigh"] = self.zca_eigh
             if self.whitening != "zca":
                 d["whitening"] = self.whitening
+            if self.lloyd_patches is not None:
+                d["lloyd_patches"] = self.lloyd_patches
         return d
 

@@ -102,7 +102,7 @@ class ZCASpace:
 
     def __init__(self, layer: nn.Module, chunks, eps_norm: float = 1e-2, eps_zca: float = 1e-2,
                  max_patches: int | None = None, seed: int = 0, eigh_dtype: torch.dtype = torch.float64,
-                 whitening: str = "zca"):
+                 whitening: str = "zca", keep_rows: int | None = None):
         """Patch mean and covariance from ``chunks`` (layer inputs): all patches, or at most about
         ``max_patches`` of them, an equal random share from each chunk, drawn by ``(seed, chunk index)``
         so that a distributed init picks the rows a single process picks. The covariance is always
@@ -115,7 +115,10 @@ class ZCASpace:
         so one whitened space is a rotation of the other (``W_chol = Q W_zca``, ``Q`` orthogonal): every
         inner product between whitened vectors, hence every assignment and every raw filter
         ``P W^T c``, is the same, for a fraction of the cost (no eigendecomposition: PaperNet's
-        1,936-dimensional second layer takes seconds to diagonalize on a CPU)."""
+        1,936-dimensional second layer takes seconds to diagonalize on a CPU).
+
+        ``keep_rows``: also keep about this many contrast-normalized patch rows (an equal, seeded random
+        share of every chunk) as ``self.rows``, ``(N, D)``, for :func:`~kmeansinit.init.lloyd.lloyd_rows`."""
         if whitening not in ("zca", "cholesky"):
             raise ValueError(f"whitening must be 'zca' or 'cholesky', got {whitening!r}")
         self.layer, self.eps_norm = layer, eps_norm
@@ -137,6 +140,11 @@ class ZCASpace:
         # the statistics does not depend on the chunk's patch count (PaperNet's second layer: 16,384
         # patches of 1,936 values per 64 images).
         block = max(1, 2**22 // dim)
+        kept = []
+        keep_share = None
+        if keep_rows is not None:
+            n_chunks = getattr(chunks, "n_chunks", None) or len(chunks)
+            keep_share = max(1, -(-keep_rows // n_chunks))
         for ci, x in indexed:
             rows = patch_count(x, layer)
             if share is not None and rows > share:
@@ -144,12 +152,23 @@ class ZCASpace:
                 picked = torch.randperm(rows, generator=g)[:share].to(x.device)
             else:
                 picked = torch.arange(rows, device=x.device)
+            # Rows to keep: the first of the statistics' own random rows when they were sampled (free),
+            # else a seeded draw of their own.
+            reuse = keep_share if keep_share is not None and share is not None and rows > share >= keep_share else 0
             for sub in picked.split(block):
                 # In the inputs' dtype (a float32 GEMM is twice a float64 one on CPU), summed in float64.
                 p = self._normalize(unfold_patches(x, layer, sub))
                 total += p.sum(0, dtype=torch.float64)
                 outer += p.t() @ p  # promoted into float64 in place: no float64 copy of the product
                 count += p.shape[0]
+                if reuse:
+                    kept.append(p[:reuse].clone())
+                    reuse -= kept[-1].shape[0]
+            if keep_share is not None and not (share is not None and rows > share >= keep_share):
+                g = torch.Generator().manual_seed(seed * 1_000_003 + ci + 500_009)
+                pick = torch.randperm(rows, generator=g)[:keep_share].to(x.device)
+                kept.append(self._normalize(unfold_patches(x, layer, pick)))
+        self.rows = torch.cat(kept) if kept else None
         for t in (total, outer, count):
             all_reduce_(t)
         self.m = total / count
