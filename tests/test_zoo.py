@@ -86,6 +86,22 @@ IMAGES = torch.Generator().manual_seed(0)
 
 
 @pytest.mark.parametrize("name", INIT_ZOO)
+def test_the_fast_options_run_on_every_zoo_model(name):
+    # The cheaper init (ZCA statistics and Lloyd on sampled patches, Cholesky whitening): finite,
+    # changed weights on every zoo model, depthwise convs skipped as under the preset.
+    torch.manual_seed(0)
+    model = create_model(name, width=0.25)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randn(96, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    report = initialize_(model, "kmeans-he-norm", images, progress=False, stat_patches=4096, lloyd_patches=4096,
+                         steps=3, whitening="cholesky")
+    state = model.state_dict()
+    assert all(torch.isfinite(v.float()).all() for v in state.values())
+    clustered = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n not in report.skipped]
+    assert clustered and all(not torch.equal(state[f"{n}.weight"], before[f"{n}.weight"]) for n in clustered)
+
+
+@pytest.mark.parametrize("name", INIT_ZOO)
 @pytest.mark.parametrize("method", ["kmeans"] + [m for m in METHODS if m not in ("kmeans", "kmeans-paper")])
 def test_every_init_runs_on_every_zoo_model(name, method):
     # Every method on ResNet-20; on the others the preset, its two controls and the data-dependent peers.
