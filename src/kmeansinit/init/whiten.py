@@ -152,9 +152,11 @@ class ZCASpace:
                 picked = torch.randperm(rows, generator=g)[:share].to(x.device)
             else:
                 picked = torch.arange(rows, device=x.device)
-            # Rows to keep: the first of the statistics' own random rows when they were sampled (free),
-            # else a seeded draw of their own.
-            reuse = keep_share if keep_share is not None and share is not None and rows > share >= keep_share else 0
+            # Rows to keep come free from the statistics' own: all of them when they are no more than
+            # the share to keep, else the first of them when they were drawn at random; otherwise
+            # (every row used, more than the share) a seeded draw of their own.
+            free = keep_share is not None and (picked.numel() <= keep_share or (share is not None and rows > share))
+            reuse = keep_share if free else 0
             for sub in picked.split(block):
                 # In the inputs' dtype (a float32 GEMM is twice a float64 one on CPU), summed in float64.
                 p = self._normalize(unfold_patches(x, layer, sub))
@@ -164,7 +166,7 @@ class ZCASpace:
                 if reuse:
                     kept.append(p[:reuse].clone())
                     reuse -= kept[-1].shape[0]
-            if keep_share is not None and not (share is not None and rows > share >= keep_share):
+            if keep_share is not None and not free:
                 g = torch.Generator().manual_seed(seed * 1_000_003 + ci + 500_009)
                 pick = torch.randperm(rows, generator=g)[:keep_share].to(x.device)
                 kept.append(self._normalize(unfold_patches(x, layer, pick)))
