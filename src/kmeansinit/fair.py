@@ -34,6 +34,10 @@ FAIR_INITS = {
     "kmeans": dict(init="kmeans"),
     "kmeans-he-norm": dict(init="kmeans-he-norm"),
     "he-kmeans-norm": dict(init="he-kmeans-norm"),
+    # Joined after the PaperNet, ResNet-20 and 2,000-label sweeps had run (the no-BN lead): a later
+    # candidate, one more comparison. With BN its per-layer variance norm only sets each layer's
+    # effective rate, as LSUV's does.
+    "kmeans-variance": dict(init="kmeans-variance"),
 }
 #: PaperNet only: the paper's recipe, with 2,000 of its 10,000 gradient steps (the recipe is at 99.5%
 #: of its 10,000-step objective after 1,000: benchmarks/RESULTS.md, "Joint solver sweep").
@@ -57,11 +61,8 @@ class FairArch:
 #: the usual CIFAR one (train.RECIPES["zoo"]). VGG-11 and MobileNetV2 at width 0.5: full width costs
 #: several times a ResNet-20 epoch on the 2-core CPU this grid was sized for (docs/results/fair.md).
 FAIR_ARCHS = {
-    # kmeans-variance joined after the SGD cells had run (the no-BN lead): with BN the per-layer
-    # variance norm only sets each layer's effective rate, as LSUV's does; a later candidate, so
-    # fair.md counts it as one more comparison.
     "paper": FairArch("paper", {"sgd": [1e-3, 4e-3, 1.6e-2, 6.4e-2], "adam": [2.5e-4, 1e-3, 4e-3, 1.6e-2]},
-                      recipe="paper", final_epochs=3.0, inits={"kmeans-variance": dict(init="kmeans-variance")}),
+                      recipe="paper", final_epochs=3.0),
     "resnet20": FairArch("resnet20", {"sgd": [0.0125, 0.05, 0.2, 0.8]}),
     "vgg11": FairArch("vgg11", {"sgd": [0.0125, 0.05, 0.2, 0.8]}, width=0.5),
     "mobilenetv2": FairArch("mobilenetv2", {"sgd": [0.0125, 0.05, 0.2, 0.8]}, width=0.5),
