@@ -11,6 +11,13 @@ from kmeansinit.data import Dataset, DataError, load_dataset
 from kmeansinit.packed import PackError, load_packed, pack_dataset
 
 
+@pytest.fixture(autouse=True)
+def pack_cache(tmp_path, monkeypatch):
+    """Each test's decoded-pack cache in its own folder."""
+    monkeypatch.setenv("KMEANSINIT_PACK_CACHE", str(tmp_path / "pack-cache"))
+    return tmp_path / "pack-cache"
+
+
 def smooth_images(n: int, seed: int = 0) -> torch.Tensor:
     """Photograph-like (low-frequency) uint8 images: JPEG keeps these close, as it does CIFAR."""
     g = torch.Generator().manual_seed(seed)
@@ -127,3 +134,27 @@ def test_a_pack_holding_a_pickle_is_refused_not_run(tmp_path):
     with pytest.raises(DataError, match="evil.npz: unreadable pack"):
         load_dataset("cifar10", tmp_path / "evil.npz")
     assert not marker.exists()
+
+
+def test_a_decoded_pack_is_cached_outside_the_pack_and_rebuilt_when_bad(tmp_path, pack_cache, monkeypatch):
+    import os
+
+    import kmeansinit.packed as packed
+
+    path = tmp_path / "p.npz"
+    pack_dataset(dataset(), path)
+    first = load_packed(path)
+    files = list(pack_cache.glob("*.pt"))
+    assert len(files) == 1 and not list(tmp_path.glob("*.pt"))  # beside the cache root, not the pack
+    monkeypatch.setattr(packed, "_decode", lambda *a: (_ for _ in ()).throw(AssertionError("decoded again")))
+    again = load_packed(path)  # from the cache: no decoding
+    assert all(torch.equal(first[k], again[k]) for k in ("train_x", "train_y", "test_x", "test_y"))
+    assert again["classes"] == first["classes"]
+    monkeypatch.undo()
+    monkeypatch.setenv("KMEANSINIT_PACK_CACHE", str(pack_cache))
+    files[0].write_bytes(b"torn")  # a bad cache file is decoded again and rewritten
+    assert torch.equal(load_packed(path)["train_x"], first["train_x"])
+    assert files[0].stat().st_size > 1000
+    os.utime(path, ns=(1, 1))  # a changed pack is another cache entry
+    load_packed(path)
+    assert len(list(pack_cache.glob("*.pt"))) == 2

@@ -18,9 +18,11 @@ only up to that error.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -123,11 +125,54 @@ def is_pack(path: str | os.PathLike) -> bool:
     return p.suffix == ".npz" and p.is_file()
 
 
-def load_packed(path: str | os.PathLike, name: str | None = None, label: str | None = None) -> dict:
+def _cache_path(path: Path) -> Path:
+    """Where the decoded pack is kept: outside the repository (a cache in ``shared/`` would travel to
+    the device with the pack and break its 64 MiB limit), keyed by the pack's path, size and mtime."""
+    st = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = Path(os.environ.get("KMEANSINIT_PACK_CACHE") or Path(tempfile.gettempdir()) / "kmeansinit-packs")
+    return root / f"{path.stem}-{key}.pt"
+
+
+def load_packed(path: str | os.PathLike, name: str | None = None, label: str | None = None, *,
+                cache: bool = True) -> dict:
     """The pack at ``path`` as the fields of a :class:`~kmeansinit.data.Dataset` (``train_x``,
     ``train_y``, ``test_x``, ``test_y``, ``classes``, ``name``); ``name`` / ``label``, when given,
-    must be the pack's (a CIFAR-100 pack holds the labels it was packed with)."""
+    must be the pack's (a CIFAR-100 pack holds the labels it was packed with).
+
+    Decoding CIFAR-10's 60,000 JPEGs takes seconds; with ``cache`` the decoded tensors are kept in
+    ``$KMEANSINIT_PACK_CACHE`` (default: the temp folder's ``kmeansinit-packs/``) and the next run
+    (a grid's other cells) reads them instead, tensors only (``weights_only``). A cache file that
+    cannot be read is decoded again and rewritten."""
     path = Path(path)
+    out = None
+    if cache and path.is_file():
+        where = _cache_path(path)
+        if where.is_file():
+            try:
+                out = torch.load(where, weights_only=True)
+                meta = out.pop("meta")
+            except Exception:  # a torn or foreign file: decode again
+                out = None
+    if out is None:
+        out, meta = _decode_pack(path)
+        if cache:
+            try:
+                where = _cache_path(path)
+                where.parent.mkdir(parents=True, exist_ok=True)
+                tmp = where.with_name(f"{where.name}.{os.getpid()}.tmp")
+                torch.save({**out, "meta": meta}, tmp)
+                tmp.replace(where)
+            except OSError:  # a full or read-only temp folder: no cache, same result
+                pass
+    if name is not None and meta["name"] and name != meta["name"]:
+        raise PackError(f"{path}: the pack holds {meta['name']}, not {name}")
+    if label is not None and meta.get("label") not in (None, label):
+        raise PackError(f"{path}: the pack holds the {meta['label']} labels, not {label}")
+    return out
+
+
+def _decode_pack(path: Path) -> tuple[dict, dict]:
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(z["meta"].tobytes().decode())
@@ -146,9 +191,6 @@ def load_packed(path: str | os.PathLike, name: str | None = None, label: str | N
         raise
     except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
         raise PackError(f"{path}: unreadable pack ({type(e).__name__}: {e})") from e
-    if name is not None and meta["name"] and name != meta["name"]:
-        raise PackError(f"{path}: the pack holds {meta['name']}, not {name}")
-    if label is not None and meta.get("label") not in (None, label):
-        raise PackError(f"{path}: the pack holds the {meta['label']} labels, not {label}")
     (train_x, train_y), (test_x, test_y) = parts["train"], parts["test"]
-    return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=meta["classes"], name=meta["name"])
+    return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=meta["classes"],
+                name=meta["name"]), meta
