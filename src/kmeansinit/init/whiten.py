@@ -132,22 +132,21 @@ class ZCASpace:
         outer = torch.zeros(dim, dim, dtype=torch.float64, device=w.device)
         count = torch.zeros((), dtype=torch.float64, device=w.device)
         indexed = chunks.indexed() if hasattr(chunks, "indexed") else enumerate(chunks)
-        share = None
-        if max_patches is not None:
-            n_chunks = getattr(chunks, "n_chunks", None) or len(chunks)
-            share = max(1, -(-max_patches // n_chunks))
+        def per_chunk(total_rows):  # an equal share of each chunk (None: every row)
+            if total_rows is None:
+                return None
+            return max(1, -(-total_rows // (getattr(chunks, "n_chunks", None) or len(chunks))))
+
+        share, keep_share = per_chunk(max_patches), per_chunk(keep_rows)
         # Patch rows are gathered and reduced a block at a time (about 16 MB each), so the memory of
         # the statistics does not depend on the chunk's patch count (PaperNet's second layer: 16,384
         # patches of 1,936 values per 64 images).
         block = max(1, 2**22 // dim)
         kept = []
-        keep_share = None
-        if keep_rows is not None:
-            n_chunks = getattr(chunks, "n_chunks", None) or len(chunks)
-            keep_share = max(1, -(-keep_rows // n_chunks))
         for ci, x in indexed:
             rows = patch_count(x, layer)
-            if share is not None and rows > share:
+            sampled = share is not None and rows > share
+            if sampled:
                 g = torch.Generator().manual_seed(seed * 1_000_003 + ci)
                 picked = torch.randperm(rows, generator=g)[:share].to(x.device)
             else:
@@ -155,7 +154,7 @@ class ZCASpace:
             # Rows to keep come free from the statistics' own: all of them when they are no more than
             # the share to keep, else the first of them when they were drawn at random; otherwise
             # (every row used, more than the share) a seeded draw of their own.
-            free = keep_share is not None and (picked.numel() <= keep_share or (share is not None and rows > share))
+            free = keep_share is not None and (picked.numel() <= keep_share or sampled)
             reuse = keep_share if free else 0
             for sub in picked.split(block):
                 # In the inputs' dtype (a float32 GEMM is twice a float64 one on CPU), summed in float64.
