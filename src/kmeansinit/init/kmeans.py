@@ -32,6 +32,7 @@ from ..distributed import world
 from ._model import Taps, batchnorm_train_mode, check_images, find_layers, forward_order, preserved_state
 from .gradient import _evaluate, _gradient_phase, joint_objective
 from .lloyd import lloyd, lloyd_online, lloyd_rows, orthogonalize_banks
+from .lockstep import Lockstep, Untraceable
 from .options import MODES, PREPROCESS, SOLVERS, KMeansOptions
 from .report import InitReport, LayerReport
 from .scale import SCALES, _calibrate_variance_, filter_norm, scale_filters_
@@ -97,7 +98,8 @@ def kmeans_init_(model: nn.Module, images: Tensor, options: KMeansOptions | None
                 bar.close()
             final = _final_filters(targets, weights, o.scale)
             if o.scale == "variance":
-                _calibrate_variance_(taps, report_images, targets, final, o.batch_size)
+                _calibrate_variance_(taps, report_images, targets, final, o.batch_size,
+                                     _lockstep(taps, report_images, o))
             after, pens, joint_after = _evaluate(taps, report_images, targets, final, o.reduction, o.batch_size,
                                                  o.cosine_weight)
             for t, rep, a, p in zip(targets, reports, after, pens):
@@ -134,11 +136,33 @@ def _targets(model: nn.Module, found: dict, images: Tensor, o: KMeansOptions) ->
     return targets, skipped
 
 
+def _lockstep(taps, images: Tensor, o: KMeansOptions) -> Lockstep | None:
+    """A one-pass stepper over the layer inputs where it gives the recomputing path's inputs; else None."""
+    if not o.lockstep or world()[1] != 1 or images.shape[0] > o.stat_images:
+        return None
+    try:
+        return Lockstep(taps, images, o.batch_size)
+    except Untraceable:  # e.g. data-dependent control flow: recompute each layer's inputs
+        return None
+
+
+def _stepped_inputs(stepper: Lockstep | None, taps, images, t, o: KMeansOptions) -> tuple[_LayerInputs, Lockstep | None]:
+    """Layer ``t``'s inputs, from the stepper while it applies (and the stepper, or None once it stops)."""
+    if stepper is not None:
+        xs = stepper.inputs(t.name)
+        given = _LayerInputs.given(taps, images, t.name, o.batch_size, o.cache_bytes, xs)
+        if given is not None:
+            return given, stepper
+        # Beyond cache_bytes: this and later layers stream their recomputed inputs.
+    return _LayerInputs(taps, images, t.name, o.batch_size, o.cache_bytes), None
+
+
 def _lloyd_phase(taps, images, targets, reports, weights, o: KMeansOptions, gen, bar) -> dict:
     """Layer by layer in forward order: Lloyd on the layer's inputs (earlier layers at their new values)."""
+    stepper = _lockstep(taps, images, o)
     for t, rep in zip(targets, reports):
         t0 = time.perf_counter()
-        inputs = _LayerInputs(taps, images, t.name, o.batch_size, o.cache_bytes)
+        inputs, stepper = _stepped_inputs(stepper, taps, images, t, o)
         _require_patches(inputs, t)
         # More images than `stat_images`, or too many to keep this layer's inputs: statistics and
         # seeds from the first `stat_images`, then `stream_passes` online passes over all of them,

@@ -78,6 +78,12 @@ class KMeansOptions:
             ``W = L^(-1)`` from its Cholesky factor, a rotation of ZCA's whitened space in which
             spherical k-means finds the same raw filters up to float rounding, without the
             eigendecomposition (:class:`~kmeansinit.init.whiten.ZCASpace`).
+        lockstep: compute the Lloyd phase's and the variance calibration's layer inputs in one pass
+            through the net (a ``torch.fx`` trace run over all chunks together, paused before each
+            layer: :mod:`kmeansinit.init.lockstep`) instead of a forward pass up to each layer from
+            the images; the same inputs at ``O(L)`` instead of ``O(L^2)`` layer calls. Used where it
+            applies (one process, at most ``stat_images`` images, inputs within ``cache_bytes``, a model
+            fx can trace); elsewhere, or with ``False``, the inputs are recomputed.
         seed: seeds every random choice; same seed and images give the same weights.
         progress: show a progress bar.
         unsupported: what to do with a layer these options cannot cluster (``preprocess="zca"`` on a
@@ -111,6 +117,7 @@ class KMeansOptions:
     zca_eps: float = 1e-2
     zca_eigh: str = "float64"
     whitening: str = "zca"
+    lockstep: bool = True
     seed: int = 0
     progress: bool = True
     unsupported: str = "skip"

@@ -47,15 +47,23 @@ def scale_filters_(weight: Tensor, scale: str, module: nn.Module | None = None) 
 
 
 def _calibrate_variance_(taps: Taps, images: Tensor, targets: list[_Target], weights: dict[str, Tensor],
-                         batch_size: int) -> None:
-    """Scale each target's filters, in forward order, so its output has unit variance on ``images``."""
+                         batch_size: int, stepper=None) -> None:
+    """Scale each target's filters, in forward order, so its output has unit variance on ``images``.
+
+    With a :class:`~.lockstep.Lockstep` over ``images``, each layer's inputs come from it (each
+    calibrated weight is then written into its module, so that the pass goes on with it); without
+    one, from a forward pass up to the layer with every target at ``weights``.
+    """
+    chunks = list(images.split(batch_size))
+    rank, size = world()
     for t in targets:
         stats = torch.zeros(3, dtype=torch.float64)
-        overrides = {f"{u.name}.weight": weights[u.name] for u in targets}
-        chunks = list(images.split(batch_size))
-        rank, size = world()
-        for ci in range(rank, len(chunks), size):
-            x = taps.run(chunks[ci], overrides, stop_at=t.name)[t.name]
+        if stepper is not None:
+            xs = stepper.inputs(t.name)
+        else:
+            overrides = {f"{u.name}.weight": weights[u.name] for u in targets}
+            xs = (taps.run(chunks[ci], overrides, stop_at=t.name)[t.name] for ci in range(rank, len(chunks), size))
+        for x in xs:
             y = filter_responses(x, t.module, weights[t.name], normalize=False).double()
             stats += torch.tensor([float(y.sum()), float(y.square().sum()), y.numel()], dtype=torch.float64)
         total, sq, count = all_reduce_(stats).tolist()
@@ -63,5 +71,8 @@ def _calibrate_variance_(taps: Taps, images: Tensor, targets: list[_Target], wei
         if not var > 0:
             raise ValueError(f"layer {t.name}: output variance {var} on the init images; cannot calibrate scale")
         weights[t.name] = weights[t.name] / math.sqrt(var)
+        if stepper is not None:
+            with torch.no_grad():
+                t.module.weight.copy_(weights[t.name])
 
 
