@@ -207,3 +207,22 @@ def test_one_online_pass_matches_the_reference(pairs):
     if pairs:
         batch = F.normalize(torch.cat([batch[:k // 2] - batch[k // 2:], batch[k // 2:] - batch[:k // 2]]), dim=1)
     assert not torch.allclose(batch, expect)
+
+
+def test_kept_rows_lloyd_in_float32_is_close_to_float64():
+    """lloyd_rows runs in the rows' precision: a float32 layer's filters match the float64 run's."""
+    from kmeansinit.init.lloyd import lloyd_rows
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 8, 10, 10, dtype=torch.float64)
+    out = {}
+    for dtype in (torch.float64, torch.float32):
+        torch.manual_seed(1)
+        layer = nn.Conv2d(8, 16, 3, padding=1, bias=False).to(dtype)
+        with Taps(nn.Sequential(layer), {"0": layer}, outputs=True) as taps, torch.no_grad():
+            inputs = _LayerInputs(taps, x.to(dtype), "0", batch_size=8, cache_bytes=2**30)
+            sp = ZCASpace(layer, inputs, max_patches=None, keep_rows=10**6)
+            w, done = lloyd_rows(_target("0", layer), sp, 4, torch.Generator().manual_seed(0), pairs=True)
+        assert w.dtype == dtype and done >= 1
+        out[dtype] = w.double()
+    torch.testing.assert_close(out[torch.float32], out[torch.float64], rtol=1e-4, atol=1e-4)

@@ -193,8 +193,9 @@ class ZCASpace:
         self.dim = dim
 
     def _normalize(self, p: Tensor) -> Tensor:
-        p = p - p.mean(dim=1, keepdim=True)
-        return p / torch.sqrt(p.var(dim=1, unbiased=False, keepdim=True) + self.eps_norm)
+        # One pass for both moments, one new tensor (the rows are 16 MB blocks; each pass counts).
+        var, mean = torch.var_mean(p, dim=1, correction=0, keepdim=True)
+        return (p - mean).div_(var.add_(self.eps_norm).sqrt_())
 
     def whiten(self, patches: Tensor) -> Tensor:
         """z for raw patch rows (the reference path, used by tests and the covariance)."""
