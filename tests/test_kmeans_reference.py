@@ -226,3 +226,27 @@ def test_kept_rows_lloyd_in_float32_is_close_to_float64():
         assert w.dtype == dtype and done >= 1
         out[dtype] = w.double()
     torch.testing.assert_close(out[torch.float32], out[torch.float64], rtol=1e-4, atol=1e-4)
+
+
+def test_kept_rows_lloyd_reseeds_an_empty_cluster_and_keeps_pairs():
+    """Two identical starting centroids: argmax gives every patch to the first, the second is empty
+    and is re-seeded from a patch (not left zero), and each filter's partner stays its negative."""
+    from kmeansinit.init.lloyd import _partners, lloyd_rows
+
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 8, 3, padding=1, bias=False).double()
+    x = torch.randn(6, 3, 6, 6, dtype=torch.float64)
+    with Taps(nn.Sequential(layer), {"0": layer}, outputs=True) as taps, torch.no_grad():
+        inputs = _LayerInputs(taps, x, "0", batch_size=3, cache_bytes=2**30)
+        sp = ZCASpace(layer, inputs, max_patches=None, keep_rows=10**6)
+        t = _target("0", layer)
+        z = (sp.rows - sp.m) @ sp.W.t()
+        first = F.normalize(z[torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(2))[:4]], dim=1)
+        first[1] = first[0]  # filter 1 duplicates filter 0
+        start = torch.cat([first, -first])
+        w, done = lloyd_rows(t, sp, 1, torch.Generator().manual_seed(0), pairs=True, start=start.reshape(layer.weight.shape))
+    w = w.flatten(1)
+    assert torch.isfinite(w).all()
+    torch.testing.assert_close(w.norm(dim=1), torch.ones(8, dtype=torch.float64))
+    assert (w[0] - w[1]).norm() > 1e-3  # filter 1 re-seeded apart from filter 0
+    torch.testing.assert_close(w[_partners(t)], -w)

@@ -133,18 +133,38 @@ def _accumulate(t: _Target, space, x: Tensor, c: Tensor, sums: Tensor, counts: T
     sums += space.weighted_sums(x, mask, n, c)
 
 
+def _centroids_from_sums(sums: Tensor, counts: Tensor, partner) -> tuple[Tensor, Tensor, Tensor]:
+    """Unit cluster sums (pairs: the partner's patches counted with their sign flipped), the filters
+    with no patch (``dead``), and those of them to re-seed (``want``; pairs: the first of each pair)."""
+    if partner is not None:
+        sums, counts = sums - sums[partner], counts + counts[partner]
+    new = unit_filters(sums)
+    dead = (counts == 0) | (sums.flatten(1).norm(dim=1) <= _EPS)
+    want = dead & (torch.arange(dead.numel(), device=dead.device) < partner) if partner is not None else dead
+    return new, dead, want
+
+
+def _reseeded(new: Tensor, want: Tensor, seeded: Tensor, partner) -> Tensor:
+    """``new`` with the ``want``-ed filters taken from ``seeded`` (and, with pairs, their partners
+    from its negative)."""
+    if partner is not None:
+        seeded[partner[want]] = -seeded[want]
+        want = want | want[partner]
+    return torch.where(_expand(want, new), seeded, new)
+
+
+def _settled(new: Tensor, c: Tensor) -> bool:
+    """Converged: no centroid moved by 1e-6."""
+    return float((new - c).flatten(1).norm(dim=1).max()) < 1e-6
+
+
 def _close_pass(t: _Target, space, sums: Tensor, counts: Tensor, partner, seeds, rand) -> Tensor:
     """New centroids from a pass's sums over every rank; empty clusters re-seeded from patches."""
     all_reduce_(sums)
     all_reduce_(counts)
-    counts = _to_layer_order(t, counts)
-    if partner is not None:  # pairs: the partner's patches count with their sign flipped
-        sums, counts = sums - sums[partner], counts + counts[partner]
-    new = unit_filters(sums)
-    dead = (counts == 0) | (sums.flatten(1).norm(dim=1) <= _EPS)
+    new, dead, want = _centroids_from_sums(sums, _to_layer_order(t, counts), partner)
     if not bool(dead.any()):
         return new
-    want = dead & (torch.arange(t.filters, device=dead.device) < partner) if partner is not None else dead
     if partner is not None or isinstance(space, ZCASpace):
         score = rand()  # far-from-centroid scores need raw patch norms; random patches do here
     else:
@@ -154,11 +174,7 @@ def _close_pass(t: _Target, space, sums: Tensor, counts: Tensor, partner, seeds,
             r = space.responses(x, new).masked_fill(~live_conv, -math.inf)
             return r.amax(dim=2) / sq.clamp_min(_EPS).sqrt()
 
-    seeded = unit_filters(_pick_patches(t, seeds, space, want, score))
-    if partner is not None:
-        seeded[partner[want]] = -seeded[want]
-        want = want | want[partner]
-    return torch.where(_expand(want, new), seeded, new)
+    return _reseeded(new, want, unit_filters(_pick_patches(t, seeds, space, want, score)), partner)
 
 
 def _filters(t: _Target, space, c: Tensor, orthogonal: bool, partner) -> Tensor:
@@ -184,9 +200,8 @@ def _solve(t, inputs, space, iters, gen, pairs, orthogonal, seeds, start, online
                 moving = torch.where(_expand(run.flatten(1).norm(dim=1) > _EPS, moving), unit_filters(run), moving)
         new = _close_pass(t, space, sums, counts, partner, seeds, rand)
         done += 1
-        shift = (new - c).flatten(1).norm(dim=1).max()
-        c = new
-        if float(shift) < 1e-6:
+        c, settled = new, _settled(new, c)
+        if settled:
             break
     return _filters(t, space, c, orthogonal, partner), done
 
@@ -256,19 +271,13 @@ def lloyd_rows(t: _Target, space: ZCASpace, iters: int, gen: torch.Generator, *,
         idx = r.argmax(dim=1)
         counts = torch.bincount(idx, minlength=k).to(rows.dtype)
         raw = torch.zeros(k, rows.shape[1], dtype=rows.dtype, device=rows.device).index_add_(0, idx, rows)
-        sums = (raw - counts.reshape(-1, 1) * m) @ W.t()
-        if partner is not None:  # pairs: the partner's patches count with their sign flipped
-            sums, counts = sums - sums[partner], counts + counts[partner]
-        new = unit_filters(sums)
-        dead = (counts == 0) | (sums.norm(dim=1) <= _EPS)
+        new, dead, want = _centroids_from_sums((raw - counts.reshape(-1, 1) * m) @ W.t(), counts, partner)
         if bool(dead.any()):
-            want = dead & (torch.arange(k, device=dead.device) < partner) if partner is not None else dead
-            new[want] = draw(int(want.sum()))
-            if partner is not None:
-                new[partner[want]] = -new[want]
+            seeded = torch.zeros_like(new)
+            seeded[want] = draw(int(want.sum()))
+            new = _reseeded(new, want, seeded, partner)
         done += 1
-        shift = (new - c).norm(dim=1).max()
-        c = new
-        if float(shift) < 1e-6:
+        c, settled = new, _settled(new, c)
+        if settled:
             break
     return _filters(t, space, c.to(dtype).reshape(shape), orthogonal, partner), done
