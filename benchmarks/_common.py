@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import shlex
 import platform
 import sys
 import time
@@ -114,7 +115,7 @@ def append_results(title: str, device: torch.device, lines: list[str], results: 
     path = Path(os.environ.get("KMEANSINIT_RESULTS", results or HERE / "RESULTS.md"))
     script = Path(sys.argv[0]).resolve()
     shown = script.relative_to(HERE.parent).as_posix() if script.is_relative_to(HERE.parent) else sys.argv[0]
-    cmd = "python " + " ".join([shown] + sys.argv[1:])
+    cmd = "python " + shlex.join([shown] + sys.argv[1:])  # quoted: the line reruns as written
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     block = [f"## {title}", "", f"- date: {stamp}", f"- machine: {machine(device)}", f"- command: `{cmd}`", ""] + lines + [""]
     with open(path, "a") as f:

@@ -23,7 +23,7 @@ def tiny_table2(data, out, seeds=1):
 def test_grid_shapes():
     t2 = build_grid("table2", out="g", seeds=2)
     assert len(t2) == 2 * 6 * 2 and {c.config.optimizer for c in t2} == {"sgd", "adam"}
-    assert {c.config.init for c in t2} == {"normal", "xavier", "he", "kmeans-paper", "kmeans", "kmeans-he-norm"}
+    assert {c.config.init for c in t2} == {"normal", "xavier", "he", "kmeans-paper", "kmeans", "kmeans-variance"}
     ab = build_grid("ablation", out="g")
     assert sorted(c.config.init_options.get("cosine_weight", -1) for c in ab) == [-1, 0.0, 1.0, 10.0, 100.0]
     # The short schedule's joint inits take 2,000 steps; the paper schedule keeps the paper's 10,000.
