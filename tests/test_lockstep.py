@@ -137,9 +137,9 @@ def test_init_with_lockstep_equals_the_recomputing_init(name, options):
         out.append((m.state_dict(), rep))
     (a, ra), (b, rb) = out
     for k in a:
-        assert_close(a[k], b[k], rtol=1e-6, atol=1e-6, msg=lambda s: f"{k}: {s}")
+        assert_close(a[k], b[k], rtol=0, atol=0, msg=lambda s: f"{k}: {s}")  # bit for bit
     assert_close(torch.tensor([r.objective_after for r in ra.layers]),
-                 torch.tensor([r.objective_after for r in rb.layers]), rtol=1e-6, atol=1e-6)
+                 torch.tensor([r.objective_after for r in rb.layers]), rtol=0, atol=0)
 
 
 def test_lockstep_is_off_with_more_images_than_stat_images():
