@@ -59,13 +59,15 @@ def test_frees_values_after_their_last_use():
             assert all(len(env) <= 2 for env in stepper.envs), [len(e) for e in stepper.envs]
 
 
-class _Branchy(nn.Module):
-    """Data-dependent control flow: torch.fx cannot trace it."""
-
+class _TwoConvs(nn.Module):
     def __init__(self):
         super().__init__()
         self.a = nn.Conv2d(3, 8, 3, padding=1)
         self.b = nn.Conv2d(8, 8, 3, padding=1)
+
+
+class _Branchy(_TwoConvs):
+    """Data-dependent control flow: torch.fx cannot trace it."""
 
     def forward(self, x):
         x = F.relu(self.a(x))
@@ -74,11 +76,8 @@ class _Branchy(nn.Module):
         return self.b(x)
 
 
-class _Shared(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 8, 3, padding=1)
-        self.b = nn.Conv2d(8, 8, 3, padding=1)
+class _Shared(_TwoConvs):
+    """One layer called twice: its "inputs" are not one tensor."""
 
     def forward(self, x):
         return self.b(F.relu(self.b(F.relu(self.a(x)))))
