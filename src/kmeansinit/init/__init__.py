@@ -17,16 +17,18 @@ __all__ = [
 
 #: k-means presets: keyword arguments of :func:`kmeans_init_`; explicit options override them.
 PRESETS: dict[str, dict] = {
-    # The recommended default, chosen by the study (docs/results/study.md): layer-wise spherical
+    # Chosen by the study at the paper's fixed lr 1e-3 (docs/results/study.md): layer-wise spherical
     # k-means on contrast-normalized, ZCA-whitened patches (Coates & Ng), each centroid used with its
-    # negative, filters mapped back to raw patches and scaled to the Xavier-normal norm.
+    # negative, filters mapped back to raw patches and scaled to the Xavier-normal norm. At tuned
+    # rates it does not beat He (docs/results/fair.md); `kmeans-variance` is the recommended one.
     "kmeans": dict(mode="layerwise", solver="lloyd", preprocess="zca", pairs=True, scale="xavier"),
     # Control: the `kmeans` preset's directions at He's filter norm (sqrt 2), to tell the direction
     # from the scale (with BN after a conv the norm only sets the effective learning rate).
     "kmeans-he-norm": dict(mode="layerwise", solver="lloyd", preprocess="zca", pairs=True, scale="he"),
-    # The same directions, each layer in forward order scaled to unit output variance on the init
-    # images (as LSUV does): for nets without BN, where the init's scale is the forward pass's scale
-    # (docs/results/fair.md: PaperNet without BN, 8.8 points above the best baseline after 3 epochs).
+    # The recommended preset: the same directions, each layer in forward order scaled to unit output
+    # variance on the init images (as LSUV does). docs/results/fair.md, each init at its best rate:
+    # PaperNet without BN 8.8 points and with BN 3.2 points above the best baseline after 3 epochs;
+    # ResNet-20 level with LSUV.
     "kmeans-variance": dict(mode="layerwise", solver="lloyd", preprocess="zca", pairs=True, scale="variance"),
     # The paper's joint objective solved by our fast solver (Lloyd + joint Adam refinement).
     "kmeans-joint": dict(mode="joint", solver="lloyd"),
