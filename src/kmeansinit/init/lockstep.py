@@ -56,7 +56,6 @@ class Lockstep:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise Untraceable(f"torch.fx cannot trace {type(model).__name__}: {first}") from e
         self.taps = taps
-        self.root = model
         self.nodes = list(graph.nodes)
         module_of = {id(m): n for n, m in model.named_modules()}
         self.stops = {}  # target name -> index of the node that calls it
@@ -73,17 +72,13 @@ class Lockstep:
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         if not placeholders or any(not n.args for n in placeholders[1:]):
             raise Untraceable(f"{type(model).__name__}.forward does not take exactly one tensor")
-        self.image_node = placeholders[0]  # the rest keep their defaults
-        # Free each value after its last use, as torch.fx.Interpreter does.
-        last_use: dict[fx.Node, int] = {}
-        for i, node in enumerate(self.nodes):
-            for arg in node.all_input_nodes:
-                last_use[arg] = i
-        self.free_after: dict[int, list[fx.Node]] = {}
-        for node, i in last_use.items():
-            self.free_after.setdefault(i, []).append(node)
-        self.chunks = list(images.split(batch_size))
-        self.envs: list[dict[fx.Node, object]] = [{} for _ in self.chunks]
+        # torch.fx's own Interpreter runs each node (and knows each value's last use); one env and
+        # one argument iterator per chunk: the image is the first placeholder, the rest keep their
+        # defaults.
+        self.interp = fx.Interpreter(model, graph=graph)
+        chunks = images.split(batch_size)
+        self.args = [iter([c]) for c in chunks]
+        self.envs: list[dict[fx.Node, object]] = [{} for _ in chunks]
         self.next = 0  # index of the next node to run
 
     def inputs(self, name: str) -> list[Tensor]:
@@ -100,32 +95,13 @@ class Lockstep:
     def _run_until(self, stop: int) -> None:
         # Nothing may end the pass early: the init's Taps raise _Stop at `stop_at`.
         self.taps.stop_at = None
+        interp = self.interp
         with torch.no_grad():
             while self.next < stop:
-                i, node = self.next, self.nodes[self.next]
-                for chunk, env in zip(self.chunks, self.envs):
-                    env[node] = self._run(node, env, chunk)
-                    for dead in self.free_after.get(i, ()):
+                node = self.nodes[self.next]
+                for args, env in zip(self.args, self.envs):
+                    interp.env, interp.args_iter = env, args
+                    env[node] = interp.run_node(node)
+                    for dead in interp.user_to_last_uses.get(node, ()):
                         env.pop(dead, None)
                 self.next += 1
-
-    def _run(self, node: fx.Node, env: dict, chunk: Tensor):
-        if node.op == "placeholder":
-            return chunk if node is self.image_node else node.args[0]
-        if node.op == "output":
-            return None
-        args = fx.node.map_arg(node.args, lambda n: env[n])
-        kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
-        if node.op == "get_attr":
-            obj = self.root
-            for part in node.target.split("."):
-                obj = getattr(obj, part)
-            return obj
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
-        if node.op == "call_method":
-            self_obj, *rest = args
-            return getattr(self_obj, node.target)(*rest, **kwargs)
-        if node.op == "call_module":
-            return self.root.get_submodule(node.target)(*args, **kwargs)
-        raise Untraceable(f"unknown fx node kind {node.op!r}")
