@@ -84,8 +84,10 @@ class _LayerInputs:
               xs: list[Tensor]) -> "_LayerInputs | None":
         """The inputs ``xs`` of every chunk, computed elsewhere (:class:`~.lockstep.Lockstep`), kept as the
         cache; None when they exceed ``cache_bytes`` (then they are to be streamed). One process only."""
+        if world()[1] != 1:
+            raise ValueError(f"layer {name}: given inputs are for one process; under torch.distributed each rank computes its own chunks")
         self = cls(taps, images, name, batch_size, cache_bytes)
-        if len(xs) != len(self.chunks) or world()[1] != 1:
+        if len(xs) != len(self.chunks):
             raise ValueError(f"layer {name}: {len(xs)} given input chunks for {len(self.chunks)} chunks of images")
         if sum(x.numel() * x.element_size() for x in xs) > cache_bytes:
             return None
