@@ -312,7 +312,7 @@ def test_all_methods_run():
     for method in METHODS:
         torch.manual_seed(0)
         model = PaperNet(width=0.5)
-        extra = dict(steps=2, progress=False) if method.startswith("kmeans") else {}
+        extra = dict(steps=2, progress=False) if method.startswith("kmeans") or method == "he-variance-norm" else {}
         if method.startswith("kmeans") and method != "kmeans-layerwise":
             extra["refine_steps"] = 1 if method == "kmeans" else 0
         if method == "kmeans-paper":

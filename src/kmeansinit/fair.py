@@ -25,7 +25,8 @@ from .train import RECIPES
 __all__ = ["FairArch", "FAIR_ARCHS", "FAIR_INITS", "sweep_cells", "final_cells", "best_lrs", "run_fair"]
 
 #: Every init the grid compares. ``kmeans-he-norm``: the preset's directions at He's filter norm;
-#: ``he-kmeans-norm``: He's directions at the preset's norms (the two controls for direction vs scale).
+#: ``he-kmeans-norm``: He's directions at the preset's norms (the two controls for direction vs scale);
+#: ``he-variance-norm``: He's directions at ``kmeans-variance``'s norms (that preset's control).
 FAIR_INITS = {
     "he": dict(init="he"),
     "xavier": dict(init="xavier"),
@@ -38,6 +39,9 @@ FAIR_INITS = {
     # candidate, one more comparison. With BN its per-layer variance norm only sets each layer's
     # effective rate, as LSUV's does.
     "kmeans-variance": dict(init="kmeans-variance"),
+    # Its control, joined after kmeans-variance's PaperNet lead (fifth session): He's directions at
+    # kmeans-variance's filter norms, so a lead it shares comes from the norms, not the k-means directions.
+    "he-variance-norm": dict(init="he-variance-norm"),
 }
 #: PaperNet only: the paper's recipe, with 2,000 of its 10,000 gradient steps (the recipe is at 99.5%
 #: of its 10,000-step objective after 1,000: benchmarks/RESULTS.md, "Joint solver sweep").

@@ -677,5 +677,8 @@ def _init(model: nn.Module, cfg: TrainConfig, ds, norm: Normalizer, device, prog
         options.setdefault("progress", progress)
     else:
         options.setdefault("generator", torch.Generator().manual_seed(cfg.seed))
+        if cfg.init == "he-variance-norm":  # runs kmeans-variance with the seed its own cell would use
+            options.setdefault("seed", cfg.seed)
+            options.setdefault("progress", progress)
     needs = cfg.init not in DATA_FREE
     return initialize_(model, cfg.init, images if needs else None, **options)

@@ -6,13 +6,14 @@ import torch.nn as nn
 from torch import Tensor
 
 from .baselines import fans, he_, lsuv_, normal_, whitening_, xavier_
-from ._model import find_layers
-from .kmeans import KMeansOptions, joint_objective, kmeans_init_, scale_filters_, unsupported_reason
+from .kmeans import KMeansOptions, joint_objective, kmeans_init_, scale_filters_
 from .report import InitReport, LayerReport
+from .controls import he_kmeans_norm_, he_variance_norm_
 
 __all__ = [
     "initialize_", "METHODS", "PRESETS", "DATA_FREE", "kmeans_init_", "KMeansOptions", "joint_objective", "normal_", "xavier_", "he_",
     "lsuv_", "whitening_", "scale_filters_", "fans", "InitReport", "LayerReport", "he_kmeans_norm_",
+    "he_variance_norm_",
 ]
 
 #: k-means presets: keyword arguments of :func:`kmeans_init_`; explicit options override them.
@@ -40,25 +41,8 @@ PRESETS: dict[str, dict] = {
     "kmeans-layerwise": dict(mode="layerwise", solver="lloyd"),
 }
 
-def he_kmeans_norm_(model: nn.Module, generator: torch.Generator | None = None) -> InitReport:
-    """Control: He-normal directions, each conv filter rescaled to the norm the ``kmeans`` preset gives it.
-
-    The counterpart of ``kmeans-he-norm``: random directions at the k-means preset's per-layer norms
-    (Xavier-normal's expected norm, ``sqrt(2 fan_in / (fan_in + fan_out))``) on exactly the conv layers
-    that preset clusters; every other layer keeps its He init, as under the preset.
-    """
-    report = he_(model, generator=generator)
-    opts = PRESETS["kmeans"]
-    with torch.no_grad():
-        for m in find_layers(model).values():
-            if unsupported_reason(m, opts["preprocess"], opts["pairs"]) is None:
-                scale_filters_(m.weight, opts["scale"], m)
-    report.method = "he-kmeans-norm"
-    return report
-
-
 _DATA_FREE = {"normal": normal_, "xavier": xavier_, "he": he_, "he-kmeans-norm": he_kmeans_norm_}
-_DATA = {"lsuv": lsuv_, "whitening": whitening_}
+_DATA = {"lsuv": lsuv_, "whitening": whitening_, "he-variance-norm": he_variance_norm_}
 DATA_FREE = tuple(_DATA_FREE)  # methods that need no images
 METHODS = tuple(_DATA_FREE) + tuple(_DATA) + tuple(PRESETS)
 
@@ -67,7 +51,7 @@ def initialize_(model: nn.Module, method: str, images: Tensor | None = None, **o
     """Initialize every conv (and linear) layer of ``model`` in place by ``method``; return an :class:`InitReport`.
 
     Methods: ``"normal"`` (std 1e-3), ``"xavier"``, ``"he"``, ``"he-kmeans-norm"`` (no data);
-    ``"lsuv"``, ``"whitening"``,
+    ``"lsuv"``, ``"whitening"``, ``"he-variance-norm"`` (He's directions at ``kmeans-variance``'s norms),
     ``"kmeans"`` (our first preset), ``"kmeans-he-norm"`` and ``"kmeans-variance"`` (its directions at
     He's norm, or at unit output variance per layer), ``"kmeans-joint"``, ``"kmeans-paper"`` (the
     paper's recipe), ``"kmeans-layerwise"`` (these need ``images``). ``options`` go to the underlying function and override a preset's values.
@@ -84,6 +68,8 @@ def initialize_(model: nn.Module, method: str, images: Tensor | None = None, **o
     if images is None:
         raise ValueError(f"init method {method!r} needs images (an unlabelled image tensor)")
     if method in _DATA:
+        if method == "he-variance-norm" and progress is not None:  # it runs the kmeans-variance preset
+            options["progress"] = progress
         return _DATA[method](model, images, **options)
     base = options.pop("base", "he")
     if base is not None:
