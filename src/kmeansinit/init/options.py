@@ -76,8 +76,13 @@ class KMeansOptions:
         whitening: how ``preprocess="zca"`` factors the regularized covariance ``C + eps I``: ``"zca"``
             (default), ``W = V (L + eps)^(-1/2) V^T`` from an eigendecomposition; ``"cholesky"``,
             ``W = L^(-1)`` from its Cholesky factor, a rotation of ZCA's whitened space in which
-            spherical k-means finds the same raw filters up to float rounding, without the
-            eigendecomposition (:class:`~kmeansinit.init.whiten.ZCASpace`).
+            spherical k-means runs the same algorithm without the eigendecomposition
+            (:class:`~kmeansinit.init.whiten.ZCASpace`): in float64 on a small net the same weights
+            (tested), but in float32 on real images the rounding differences flip near-tie
+            assignments and deeper layers end in other local optima (PaperNet, kmeans-variance,
+            256 CIFAR-10 images: mean filter cosine to the ZCA run 1.00 and 0.97 in the first two
+            layers, 0.18-0.81 in the other six: ``benchmarks/whitening_agreement.py``), so it is another init
+            of the same kind, not the same one.
         lockstep: compute the Lloyd phase's and the variance calibration's layer inputs in one pass
             through the net (a ``torch.fx`` trace run over all chunks together, paused before each
             layer: :mod:`kmeansinit.init.lockstep`) instead of a forward pass up to each layer from

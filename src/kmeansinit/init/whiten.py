@@ -114,8 +114,10 @@ class ZCASpace:
         ``W = L^(-1)`` from the Cholesky factor ``C + eps I = L L^T``. Both satisfy ``W^T W = (C + eps I)^(-1)``,
         so one whitened space is a rotation of the other (``W_chol = Q W_zca``, ``Q`` orthogonal): every
         inner product between whitened vectors, hence every assignment and every raw filter
-        ``P W^T c``, is the same, for a fraction of the cost (no eigendecomposition: PaperNet's
-        1,936-dimensional second layer takes seconds to diagonalize on a CPU).
+        ``P W^T c``, is the same in exact arithmetic, for a fraction of the cost (no
+        eigendecomposition: PaperNet's 1,936-dimensional second layer takes seconds to diagonalize on
+        a CPU). In float32 the two round differently, which flips near-tie assignments: on real
+        images deeper layers end in other local optima (see ``KMeansOptions.whitening``).
 
         ``keep_rows``: also keep about this many contrast-normalized patch rows (an equal, seeded random
         share of every chunk) as ``self.rows``, ``(N, D)``, for :func:`~kmeansinit.init.lloyd.lloyd_rows`."""
