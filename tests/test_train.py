@@ -301,3 +301,18 @@ def test_no_batch_norm_and_labels_from_the_cli_and_grid_command(fake_cifar10, tm
     cell = Cell("c", TrainConfig(data=str(fake_cifar10), out=str(tmp_path / "c"), batch_norm=False, labels=24))
     cmd = cell_command(cell)
     assert "--no-batch-norm" in cmd and cmd[cmd.index("--labels") + 1] == "24"
+
+
+def test_he_variance_norm_run_has_the_kmeans_variance_runs_norms(fake_cifar10, tmp_path):
+    # train passes the run's seed to the control's kmeans-variance copy: the same norms as the
+    # kmeans-variance run of that seed (on the same init images), in every conv it clusters.
+    kw = dict(init_options=dict(steps=1), iterations=1, seed=2)
+    train(tiny(fake_cifar10, tmp_path / "kv", init="kmeans-variance", **kw), progress=False)
+    train(tiny(fake_cifar10, tmp_path / "ctrl", init="he-variance-norm", **kw), progress=False)
+    a, b = (torch.load(tmp_path / r / "init.pt", weights_only=True) for r in ("kv", "ctrl"))
+    convs = [k for k, v in a.items() if k.endswith("weight") and v.dim() == 4]
+    assert convs
+    for k in convs:
+        torch.testing.assert_close(b[k].flatten(1).norm(dim=1), a[k].flatten(1).norm(dim=1))
+        assert not torch.allclose(b[k], a[k])  # other directions
+    assert json.loads((tmp_path / "ctrl" / "init_report.json").read_text())["method"] == "he-variance-norm"
