@@ -8,7 +8,7 @@ from scipy import stats
 from torch.testing import assert_close
 
 from kmeansinit import GatedConv2d, InitReport, PaperNet, initialize_, joint_objective, kmeans_init_
-from kmeansinit.init import DATA_FREE, METHODS, fans
+from kmeansinit.init import DATA_FREE, METHODS, RUNS_KMEANS, fans
 from kmeansinit.objectives import cosine_penalty, kmeans_objective
 
 
@@ -312,7 +312,7 @@ def test_all_methods_run():
     for method in METHODS:
         torch.manual_seed(0)
         model = PaperNet(width=0.5)
-        extra = dict(steps=2, progress=False) if method.startswith("kmeans") or method == "he-variance-norm" else {}
+        extra = dict(steps=2, progress=False) if method in RUNS_KMEANS else {}
         if method.startswith("kmeans") and method != "kmeans-layerwise":
             extra["refine_steps"] = 1 if method == "kmeans" else 0
         if method == "kmeans-paper":

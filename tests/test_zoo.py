@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from kmeansinit import GatedConv2d, initialize_
-from kmeansinit.init import METHODS
+from kmeansinit.init import METHODS, RUNS_KMEANS
 from kmeansinit.models import MODELS, PaperNet, convert_to_gated, count_parameters, create_model
 
 ZOO = ["resnet20", "resnet56", "vgg11", "mobilenetv2"]
@@ -111,7 +111,7 @@ def test_every_init_runs_on_every_zoo_model(name, method):
     torch.manual_seed(0)
     model = create_model(name, width=0.25)
     # k-means needs the 96 images (MobileNetV2, above); LSUV's forward passes cost 3x as much on them.
-    uses_kmeans = method.startswith("kmeans") or method == "he-variance-norm"  # that control runs kmeans-variance
+    uses_kmeans = method in RUNS_KMEANS
     images = torch.randn(96 if uses_kmeans else 32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opts = dict(progress=False, steps=2) if uses_kmeans else {}

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .data import BatchLoader, Normalizer, load_dataset
 from .distributed import all_reduce_, broadcast_object, cleanup, convert_sync_batchnorm, setup, world
-from .init import DATA_FREE, initialize_
+from .init import DATA_FREE, PRESETS, RUNS_KMEANS, initialize_
 from .models import MODELS, create_model
 
 __all__ = ["TrainConfig", "train", "lr_at", "RunError", "Interrupted", "RECIPES", "VAL_SEED", "split_validation",
@@ -672,13 +672,10 @@ def _init(model: nn.Module, cfg: TrainConfig, ds, norm: Normalizer, device, prog
     # Unlabelled images, normalized exactly as the training batches are.
     images = torch.cat([norm(part.to(device)) for part in src[idx].split(1024)]) if n else None
     options = dict(cfg.init_options)
-    if cfg.init.startswith("kmeans"):
+    if cfg.init in RUNS_KMEANS:  # the k-means init's seed: a control's copy gets its own cell's
         options.setdefault("seed", cfg.seed)
         options.setdefault("progress", progress)
-    else:
+    if cfg.init not in PRESETS:  # the presets seed their base init from `seed`
         options.setdefault("generator", torch.Generator().manual_seed(cfg.seed))
-        if cfg.init == "he-variance-norm":  # runs kmeans-variance with the seed its own cell would use
-            options.setdefault("seed", cfg.seed)
-            options.setdefault("progress", progress)
     needs = cfg.init not in DATA_FREE
     return initialize_(model, cfg.init, images if needs else None, **options)

@@ -13,7 +13,7 @@ from .controls import he_kmeans_norm_, he_variance_norm_
 __all__ = [
     "initialize_", "METHODS", "PRESETS", "DATA_FREE", "kmeans_init_", "KMeansOptions", "joint_objective", "normal_", "xavier_", "he_",
     "lsuv_", "whitening_", "scale_filters_", "fans", "InitReport", "LayerReport", "he_kmeans_norm_",
-    "he_variance_norm_",
+    "he_variance_norm_", "RUNS_KMEANS",
 ]
 
 #: k-means presets: keyword arguments of :func:`kmeans_init_`; explicit options override them.
@@ -45,6 +45,9 @@ _DATA_FREE = {"normal": normal_, "xavier": xavier_, "he": he_, "he-kmeans-norm":
 _DATA = {"lsuv": lsuv_, "whitening": whitening_, "he-variance-norm": he_variance_norm_}
 DATA_FREE = tuple(_DATA_FREE)  # methods that need no images
 METHODS = tuple(_DATA_FREE) + tuple(_DATA) + tuple(PRESETS)
+#: Methods that run the k-means init (the presets, and the control that runs one on a copy): they take
+#: its ``seed`` and ``progress`` options.
+RUNS_KMEANS = tuple(PRESETS) + ("he-variance-norm",)
 
 
 def initialize_(model: nn.Module, method: str, images: Tensor | None = None, **options) -> InitReport:
@@ -67,17 +70,15 @@ def initialize_(model: nn.Module, method: str, images: Tensor | None = None, **o
         return _DATA_FREE[method](model, **options)
     if images is None:
         raise ValueError(f"init method {method!r} needs images (an unlabelled image tensor)")
+    if progress is not None and method in RUNS_KMEANS:
+        options["progress"] = progress
     if method in _DATA:
-        if method == "he-variance-norm" and progress is not None:  # it runs the kmeans-variance preset
-            options["progress"] = progress
         return _DATA[method](model, images, **options)
     base = options.pop("base", "he")
     if base is not None:
         if base not in ("normal", "xavier", "he"):
             raise ValueError(f"base must be normal, xavier, he or None, got {base!r}")
         _DATA_FREE[base](model, generator=torch.Generator().manual_seed(options.get("seed", 0)))
-    if progress is not None:
-        options["progress"] = progress
     report = kmeans_init_(model, images, **{**PRESETS[method], **options})
     report.method = method
     return report
