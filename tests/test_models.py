@@ -65,5 +65,21 @@ def test_papernet_without_batch_norm():
     assert count_parameters(m) == count_parameters(with_bn) - bn // 2
     y = m(torch.randn(2, 3, 32, 32))
     assert y.shape == (2, 10) and torch.isfinite(y).all()
-    with pytest.raises(ValueError, match="paper' only"):
+    with pytest.raises(ValueError, match="resnet20.*built with its BN"):
         create_model("resnet20", batch_norm=False)
+
+
+def test_vgg11_without_batch_norm():
+    from kmeansinit import create_model
+
+    m, with_bn = create_model("vgg11", width=0.25, batch_norm=False), create_model("vgg11", width=0.25)
+    assert not any(isinstance(x, nn.BatchNorm2d) for x in m.modules())
+    convs = [x for x in m.modules() if isinstance(x, nn.Conv2d)]
+    assert len(convs) == 8 and all(c.bias is not None for c in convs)
+    assert all(c.bias is None for c in with_bn.modules() if isinstance(c, nn.Conv2d))
+    # Same conv shapes; BN's 2 parameters a channel become one bias a channel.
+    assert [c.weight.shape for c in convs] == [c.weight.shape for c in with_bn.modules() if isinstance(c, nn.Conv2d)]
+    bn = sum(p.numel() for x in with_bn.modules() if isinstance(x, nn.BatchNorm2d) for p in x.parameters())
+    assert count_parameters(m) == count_parameters(with_bn) - bn // 2
+    y = m(torch.randn(2, 3, 32, 32))
+    assert y.shape == (2, 10) and torch.isfinite(y).all()

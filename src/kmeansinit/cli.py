@@ -34,7 +34,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop", type=int, default=None, help="random-crop padding in pixels (paper recipe: 0, flips only; zoo: 4)")
     p.add_argument("--no-flip", dest="flip", action="store_false")
     p.add_argument("--no-batch-norm", dest="batch_norm", action="store_false",
-                   help="PaperNet without its BN layers (where an init's scale matters)")
+                   help="PaperNet or VGG-11 without BN layers (where an init's scale matters)")
     p.add_argument("--model", choices=list(MODELS), default=d.model,
                    help="network (default paper: Table 1); the zoo models default to their own recipe (README)")
     p.add_argument("--gated", action="store_true", help="GatedConv2d in every conv layer larger than 1x1")
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train up to N cells that share a model shape and optimizer as one stacked model "
                         "(kmeansinit stack; 1: every cell alone)")
     r.add_argument("--arch", action="append", default=None,
-                   help="fair: architectures (repeatable; default all: paper, resnet20, vgg11, mobilenetv2)")
+                   help="fair: settings (repeatable; default all: paper, resnet20, vgg11, mobilenetv2, paper-nobn, vgg11-nobn, paper-labels2k)")
     r.add_argument("--optimizer", action="append", default=None, choices=["sgd", "adam"],
                    help="fair: optimizers (repeatable; default sgd, and adam on paper)")
     r.add_argument("--val", type=int, default=5000, help="fair: validation images held out of the training set")

@@ -78,6 +78,11 @@ FAIR_ARCHS = {
                            extra=dict(batch_norm=False),
                            # = the kmeans-variance preset, added after these cells ran (same weights: tested)
                            inits={"kmeans-variance": dict(init="kmeans", init_options=dict(scale="variance"))}),
+    # The same question on a modern plain net: VGG-11 without BN (the original VGG, a bias per conv),
+    # which trains from scratch only from a well-scaled init (Mishkin & Matas 2016 used LSUV). The rates
+    # start a factor 4 below VGG-11-BN's best (0.0125); the sweep extends them where a best is at an end.
+    "vgg11-nobn": FairArch("vgg11", {"sgd": [0.0008, 0.003125, 0.0125, 0.05]}, width=0.5,
+                           extra=dict(batch_norm=False)),
     # Few labels, many unlabelled images (Coates & Ng 2011): 2,000 labelled training images (200 a
     # class); the data-dependent inits see all 45,000. 20 epochs of the labelled set (300 steps) to
     # sweep, 60 (900 steps) for the final runs.

@@ -112,7 +112,7 @@ class TrainConfig:
     model: str = "paper"  # paper | resnet20 | resnet56 | vgg11 | mobilenetv2 (kmeansinit.models.MODELS)
     gated: bool = False
     width: float = 1.0
-    batch_norm: bool = True  # False: PaperNet without BN layers (--no-batch-norm)
+    batch_norm: bool = True  # False: PaperNet or VGG-11 without BN layers (--no-batch-norm)
     # init
     init: str = "kmeans"
     init_images: int = 256  # images for data-dependent inits; 0 = the whole training set

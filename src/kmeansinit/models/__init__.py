@@ -29,18 +29,22 @@ MODELS = {
     "mobilenetv2": mobilenetv2,
 }
 
+#: models that can be built without BN (``batch_norm=False``): the nets where an init's scale matters.
+NO_BN = ("paper", "vgg11")
+
 
 def create_model(name: str, num_classes: int = 10, width: float = 1.0, gated: bool = False, *,
                  in_channels: int = 3, device=None, dtype=None, batch_norm: bool = True) -> nn.Module:
     """A zoo model by name (see :data:`MODELS`); ``gated=True`` makes its k x k convs (k > 1) gated;
-    ``batch_norm=False`` (PaperNet only) builds it without BN layers."""
+    ``batch_norm=False`` (PaperNet and VGG-11) builds it without BN layers."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     if name == "paper":  # PaperNet builds its gated form itself (the reference layout of Table 1)
         return PaperNet(num_classes, width, gated, in_channels, device=device, dtype=dtype, batch_norm=batch_norm)
-    if not batch_norm:
-        raise ValueError(f"batch_norm=False is offered for 'paper' only; {name!r} is built with its BN layers")
-    model = MODELS[name](num_classes=num_classes, width=width, in_channels=in_channels, device=device, dtype=dtype)
+    kw = {} if batch_norm else dict(batch_norm=False)
+    if not batch_norm and name not in NO_BN:
+        raise ValueError(f"batch_norm=False is offered for {', '.join(NO_BN)} only; {name!r} is built with its BN layers")
+    model = MODELS[name](num_classes=num_classes, width=width, in_channels=in_channels, device=device, dtype=dtype, **kw)
     return convert_to_gated(model, inplace=True) if gated else model
 
 
