@@ -187,6 +187,50 @@ def test_fair_grid_picks_best_rate_and_extends_at_the_edges(tmp_path):
     assert all(c.config.epochs == FAIR_ARCHS["resnet20"].final_epochs for c in final)
 
 
+def test_fair_grid_refines_the_best_rate_by_factors_of_two(tmp_path):
+    from kmeansinit.fair import FAIR_ARCHS, best_lrs, sweep_cells
+
+    assert FAIR_ARCHS["vgg11"].refine and not FAIR_ARCHS["paper"].refine
+    kw = dict(inits={"he": dict(init="he")})
+    lrs = FAIR_ARCHS["vgg11"].lrs["sgd"]  # 0.0125 ... 0.8, a factor 4 apart
+    acc = {lrs[0]: 0.40, lrs[1]: 0.50, lrs[2]: 0.30, lrs[3]: 0.10, lrs[1] * 2: 0.55, lrs[1] / 2: 0.45}
+    swept = list(lrs)
+    for expect in (lrs[1] * 2, lrs[1] / 2):  # the coarse best's neighbours, one at a time
+        for c in sweep_cells(tmp_path, "vgg11", "sgd", {"he": swept}, **kw):
+            if not c.done:
+                _finish(c, acc[c.config.lr])
+        best, more = best_lrs(tmp_path, "vgg11", "sgd", **kw)
+        assert best == {} and more == {"he": pytest.approx(expect)}
+        swept.append(more["he"])
+        (tmp_path / "vgg11-sgd" / "sweep" / "he" / f"lr{more['he']:g}").mkdir(parents=True)
+    for c in sweep_cells(tmp_path, "vgg11", "sgd", {"he": swept}, **kw):
+        if not c.done:
+            _finish(c, acc[c.config.lr])
+    # A refined rate wins, and is not refined again (no 0.0707 after 0.1).
+    assert best_lrs(tmp_path, "vgg11", "sgd", **kw) == ({"he": pytest.approx(lrs[1] * 2)}, {})
+
+
+def test_a_folder_holding_another_cells_run_is_stale_not_done(tmp_path):
+    """A finished final run at the old best rate must not pass for the cell at a new best rate."""
+    import dataclasses
+
+    from kmeansinit.fair import final_cells
+
+    old, = final_cells(tmp_path, "resnet20", "sgd", {"he": 0.05}, seeds=1)
+    _finish(old, 0.6)
+    (old.out / "config.json").write_text(json.dumps({**dataclasses.asdict(old.config), "resolved_iterations": 1}))
+    assert old.done and old.stale() is None  # its own folder: done, not stale
+    new, = final_cells(tmp_path, "resnet20", "sgd", {"he": 0.2}, seeds=1)
+    assert new.out == old.out and "lr=0.05" in new.stale() and "lr=0.2" in new.stale()
+    lines = []
+    assert run_grid([new], dry_run=True, log=lines.append) == [new]
+    assert any(line.startswith("# stale: he/s0") and "move that folder away" in line for line in lines)
+    assert not any(line.startswith("python") or line.startswith("# done") for line in lines)
+    lines.clear()
+    assert run_grid([new], log=lines.append) == [new]  # reported as failed, nothing run
+    assert "0 finished, 0 to run" in lines[1] and "1 stale" in lines[1]
+
+
 def test_fair_dry_run_prints_the_sweep(capsys, tmp_path):
     from kmeansinit.cli import main
 

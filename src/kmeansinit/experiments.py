@@ -113,8 +113,16 @@ def finished(out: str | os.PathLike) -> bool:
     return False
 
 
+#: What makes two runs the same cell: a folder whose config.json differs from a cell's in one of these
+#: is another cell's run (the folder's ``out``, data path, threads and logging may differ).
+IDENTITY_FIELDS = ("model", "width", "gated", "batch_norm", "init", "init_options", "optimizer", "lr", "seed",
+                   "labels", "val", "epochs", "iterations", "lr_schedule", "weight_decay", "momentum", "precision")
+
+
 @dataclass
 class Cell:
+    """One run of a grid: a name and the configuration it trains (its folder is ``config.out``)."""
+
     name: str
     config: TrainConfig
 
@@ -126,6 +134,25 @@ class Cell:
     def done(self) -> bool:
         """Finished, or stopped by a NaN loss (a rerun would only diverge again)."""
         return finished(self.out) or (self.out / "diverged.json").exists()
+
+    def stale(self) -> str | None:
+        """Why the run already in this cell's folder is not this cell (``None`` when it is, or there is none).
+
+        A folder is resumed, or skipped when finished, by its own config.json; without this check a
+        grid whose choice changed (the fair grid's best rate after a refined sweep) would silently
+        keep the old run as the new cell's result."""
+        path = self.out / "config.json"
+        if not path.exists():
+            return None
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None  # train names a corrupt config.json itself
+        want = dataclasses.asdict(self.config)
+        for key in IDENTITY_FIELDS:
+            if key in saved and json.dumps(saved[key], sort_keys=True) != json.dumps(want[key], sort_keys=True):
+                return f"{path} holds a run with {key}={saved[key]!r}, this cell asks {key}={want[key]!r}"
+        return None
 
 
 def _cell(grid_out: Path, name: str, base: dict, **kw) -> Cell:
@@ -298,18 +325,25 @@ def run_grid(cells: list[Cell], *, jobs: int = 1, dry_run: bool = False, log=pri
              stack: int = 1) -> list[Cell]:
     """Run every unfinished cell (``jobs`` processes at a time, each training one cell or, with ``stack``,
     up to that many cells as one stacked model); return the cells that failed."""
-    todo = [c for c in cells if not c.done]
+    stale = {c.name: why for c in cells if (why := c.stale())}
+    for c in cells:
+        if c.name in stale:
+            log(f"# stale: {c.name}: {stale[c.name]}; move that folder away to run this cell")
+    todo = [c for c in cells if not c.done and c.name not in stale]
     plan = plan_jobs(todo, stack)
     if dry_run:
         first = {job[0].name: job for job in plan}
         for c in cells:
+            if c.name in stale:
+                continue
             if c.done:
                 log("# done: " + shlex.join(cell_command(c, "python")))
             elif c.name in first:
                 log(shlex.join(job_command(first[c.name], "python")))
-        return []
+        return [c for c in cells if c.name in stale]
     stacked = sum(len(j) for j in plan if len(j) > 1)
-    log(f"{len(cells)} cells, {len(cells) - len(todo)} finished, {len(todo)} to run ({jobs} at a time"
+    log(f"{len(cells)} cells, {len(cells) - len(todo) - len(stale)} finished, {len(todo)} to run ({jobs} at a time"
+        + (f"; {len(stale)} stale, not run" if stale else "")
         + (f"; {stacked} of them in {sum(len(j) > 1 for j in plan)} stacks" if stacked else "") + ")")
     threads = max(1, (os.cpu_count() or 1) // jobs)
     lock, say = threading.Lock(), log
@@ -318,7 +352,7 @@ def run_grid(cells: list[Cell], *, jobs: int = 1, dry_run: bool = False, log=pri
         with lock:
             say(msg)
 
-    failed = []
+    failed = [c for c in cells if c.name in stale]
     live: dict[int, subprocess.Popen] = {}
     stop = {"signal": 0}
 

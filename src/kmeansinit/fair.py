@@ -59,6 +59,10 @@ class FairArch:
     recipe: str = "zoo"
     extra: dict = field(default_factory=dict)  # TrainConfig fields of every cell (labels, batch_norm, ...)
     inits: dict = field(default_factory=dict)  # inits compared here besides FAIR_INITS
+    #: After the sweep, also try each init's best rate x2 and /2 (one seed each) and take the best of
+    #: all. With BN a filter norm acts as a learning-rate factor (lr / ||w||^2): inits whose norms differ
+    #: by 2-3x (Xavier vs He) are compared at different effective rates on a factor-4 grid.
+    refine: bool = False
 
 
 #: PaperNet keeps the paper's recipe (momentum 0.9, wd 1e-5, flips, lr halved after 2/3); the zoo nets
@@ -69,7 +73,9 @@ FAIR_ARCHS = {
     "paper": FairArch("paper", {"sgd": [1e-3, 4e-3, 1.6e-2, 6.4e-2], "adam": [2.5e-4, 1e-3, 4e-3, 1.6e-2]},
                       recipe="paper", final_epochs=3.0),
     "resnet20": FairArch("resnet20", {"sgd": [0.0125, 0.05, 0.2, 0.8]}),
-    "vgg11": FairArch("vgg11", {"sgd": [0.0125, 0.05, 0.2, 0.8]}, width=0.5),
+    # Refined (sixth session): at the factor-4 grid every init was best at 0.0125 and the 2-epoch finals
+    # ordered them by filter norm (Xavier-sized first), the learning-rate effect `refine` checks for.
+    "vgg11": FairArch("vgg11", {"sgd": [0.0125, 0.05, 0.2, 0.8]}, width=0.5, refine=True),
     "mobilenetv2": FairArch("mobilenetv2", {"sgd": [0.0125, 0.05, 0.2, 0.8]}, width=0.25),
     # Where a data-dependent init is known to matter most. Without BN nothing renormalizes the
     # activations, so the init's scale is the forward pass's scale: k-means directions get a
@@ -150,16 +156,32 @@ def best_lrs(out, arch: str, optimizer: str, *, extend: int = 2, step: float = 4
         if any(v is None for v in accs.values()):
             continue  # the sweep of this init is not finished
         lrs = sorted(accs)
+        coarse = [lr for lr in lrs if _on_grid(lr, base_lrs[0], step)]
         top = max(lrs, key=lambda lr: (accs[lr], -lr))  # ties go to the smaller rate
-        lo_added = sum(lr < base_lrs[0] for lr in lrs)
-        hi_added = sum(lr > base_lrs[-1] for lr in lrs)
-        if top == lrs[0] and lo_added < extend:
-            more[name] = lrs[0] / step
-        elif top == lrs[-1] and hi_added < extend and accs[top] > 0:
-            more[name] = lrs[-1] * step
+        ctop = max(coarse, key=lambda lr: (accs[lr], -lr))
+        lo_added = sum(lr < base_lrs[0] for lr in coarse)
+        hi_added = sum(lr > base_lrs[-1] for lr in coarse)
+        if ctop == coarse[0] and lo_added < extend:
+            more[name] = coarse[0] / step
+        elif ctop == coarse[-1] and hi_added < extend and accs[ctop] > 0:
+            more[name] = coarse[-1] * step
+        elif a.refine and accs[ctop] > 0 and (todo := [r for r in (ctop * 2, ctop / 2) if not _swept(r, lrs)]):
+            more[name] = todo[0]  # the factor-2 neighbours of the coarse grid's best, one at a time
         else:
             best[name] = top
     return best, more
+
+
+def _swept(lr: float, lrs) -> bool:
+    return any(abs(lr / x - 1) < 1e-6 for x in lrs)
+
+
+def _on_grid(lr: float, first: float, step: float) -> bool:
+    """Whether ``lr`` is ``first * step**k`` for an integer k (a rate of the coarse sweep or its extensions)."""
+    import math
+
+    k = math.log(lr / first) / math.log(step)
+    return abs(k - round(k)) < 1e-6
 
 
 def final_cells(out, arch: str, optimizer: str, best: dict, *, seeds: int = 3, data: str = "../shared/data",
