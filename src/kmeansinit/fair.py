@@ -68,7 +68,7 @@ class FairArch:
 #: PaperNet keeps the paper's recipe (momentum 0.9, wd 1e-5, flips, lr halved after 2/3); the zoo nets
 #: the usual CIFAR one (train.RECIPES["zoo"]). VGG-11 at width 0.5, MobileNetV2 at width 0.25: full
 #: width costs several times a ResNet-20 epoch on the 2-core CPU this grid was sized for, and a
-#: MobileNetV2 step at width 0.5 still twice one at 0.25 (docs/results/fair.md, "Not run yet").
+#: MobileNetV2 step at width 0.5 still 1.7x one at 0.25 in bf16 (benchmarks/zoo_step_time.py).
 FAIR_ARCHS = {
     "paper": FairArch("paper", {"sgd": [1e-3, 4e-3, 1.6e-2, 6.4e-2], "adam": [2.5e-4, 1e-3, 4e-3, 1.6e-2]},
                       recipe="paper", final_epochs=3.0),
