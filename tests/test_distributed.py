@@ -79,10 +79,10 @@ def torchrun(data, out, extra=(), env=None, wait=True):
     assert r.returncode == 0, f"torchrun exit {r.returncode}\n{r.stderr[-2000:]}\n{rank_logs(out)}"
 
 
-def single(data, out, iterations=12, init="kmeans"):
+def single(data, out, iterations=12, init="kmeans", init_cache=None):
     cfg = TrainConfig(data=str(data), out=str(out), width=0.25, batch_size=8, iterations=iterations, checkpoint_every=2,
                       eval_every=6, log_every=2, init=init, init_options=dict(steps=2, refine_steps=3, accumulate=2,
-                      batch_size=8), init_images=32, threads=1)
+                      batch_size=8), init_images=32, threads=1, init_cache=init_cache)
     train(cfg, progress=False)
 
 
@@ -96,15 +96,29 @@ def test_two_processes_match_one(fake_cifar10, tmp_path, init):
     # Few steps: this tiny net on random labels is chaotic, and floating-point differences in the
     # order of reductions (1e-6 in the init) grow fast and unevenly: measured 5e-5 after 4 steps,
     # and between 4e-5 and 1e-2 after 6 depending on the init's exact numerics.
-    torchrun(fake_cifar10, tmp_path / "ddp", extra=["--iterations", "4", "--init", init])
+    cache = tmp_path / "cache"
+    torchrun(fake_cifar10, tmp_path / "ddp", extra=["--iterations", "4", "--init", init, "--init-cache", str(cache)])
     single(fake_cifar10, tmp_path / "one", iterations=4, init=init)
-    # The init differs only in the order of float reductions over ranks (1e-6); 4 training steps of
-    # this chaotic tiny net grow that to about 5e-5.
-    for name, tol in (("init.pt", dict(rtol=1e-5, atol=1e-6)), ("final.pt", dict(rtol=1e-3, atol=1e-4))):
-        a, b = states(tmp_path / "ddp", name), states(tmp_path / "one", name)
-        for k in a:
-            if a[k].is_floating_point():
-                assert_close(a[k], b[k], **tol, msg=f"{name}:{k}")
+    # The init: the ranks all-reduce the statistics and Lloyd sums, so it differs from one process's
+    # only in the order of float reductions (1e-6). That holds until a near-tie patch assignment
+    # flips, after which a layer's centroids (and every later layer's inputs) differ: on one host
+    # (AMD EPYC, 2026-12-02) the fourth layer flipped, on another (Intel Xeon) none did. So the
+    # first three layers must match to float rounding (a missing all-reduce changes the first
+    # layer's statistics at once), and every layer must be finite.
+    a, b = states(tmp_path / "ddp", "init.pt"), states(tmp_path / "one", "init.pt")
+    for k in ("features.0.weight", "features.3.weight", "features.6.weight"):
+        assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"init.pt:{k}")
+    assert all(torch.isfinite(v).all() for v in a.values() if v.is_floating_point())
+    # Training: from the same init (the ddp run's, through the init cache), 2 ranks on half-batches
+    # equal one process on whole batches up to reduction order; 4 steps of this chaotic tiny net
+    # grow that to about 5e-5.
+    single(fake_cifar10, tmp_path / "one-cached", iterations=4, init=init, init_cache=str(cache))
+    c = states(tmp_path / "one-cached", "init.pt")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    a, b = states(tmp_path / "ddp", "final.pt"), states(tmp_path / "one-cached", "final.pt")
+    for k in a:
+        if a[k].is_floating_point():
+            assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=f"final.pt:{k}")
     # Only rank 0 writes: one metrics row per log point.
     rows = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == len((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()) == 2
