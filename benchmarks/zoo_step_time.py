@@ -50,7 +50,7 @@ def main():
             labels.append((name, width, "bf16" if bf16 else "fp32",
                            sum(q.numel() for q in model.parameters())))
     times = timed_many(fns, a.steps, dev, warmup=2)
-    base = times[labels.index(next(lab for lab in labels if lab[0] == "paper" and lab[1] == 1.0 and lab[2] == "fp32"))]
+    base = times[next(i for i, lab in enumerate(labels) if lab[:3] == ("paper", 1.0, "fp32"))]
     lines = ["| model | width | parameters | precision | s per step | s per epoch (351 steps) | x PaperNet fp32 step |",
              "|---|---|---|---|---|---|---|"]
     for (name, width, prec, n), t in zip(labels, times):

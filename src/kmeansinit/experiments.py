@@ -326,9 +326,9 @@ def run_grid(cells: list[Cell], *, jobs: int = 1, dry_run: bool = False, log=pri
     """Run every unfinished cell (``jobs`` processes at a time, each training one cell or, with ``stack``,
     up to that many cells as one stacked model); return the cells that failed."""
     stale = {c.name: why for c in cells if (why := c.stale())}
-    for c in cells:
-        if c.name in stale:
-            log(f"# stale: {c.name}: {stale[c.name]}; move that folder away to run this cell")
+    stale_cells = [c for c in cells if c.name in stale]  # reported as failed: never run, never "done"
+    for c in stale_cells:
+        log(f"# stale: {c.name}: {stale[c.name]}; move that folder away to run this cell")
     todo = [c for c in cells if not c.done and c.name not in stale]
     plan = plan_jobs(todo, stack)
     if dry_run:
@@ -340,7 +340,7 @@ def run_grid(cells: list[Cell], *, jobs: int = 1, dry_run: bool = False, log=pri
                 log("# done: " + shlex.join(cell_command(c, "python")))
             elif c.name in first:
                 log(shlex.join(job_command(first[c.name], "python")))
-        return [c for c in cells if c.name in stale]
+        return stale_cells
     stacked = sum(len(j) for j in plan if len(j) > 1)
     log(f"{len(cells)} cells, {len(cells) - len(todo) - len(stale)} finished, {len(todo)} to run ({jobs} at a time"
         + (f"; {len(stale)} stale, not run" if stale else "")
@@ -352,7 +352,7 @@ def run_grid(cells: list[Cell], *, jobs: int = 1, dry_run: bool = False, log=pri
         with lock:
             say(msg)
 
-    failed = [c for c in cells if c.name in stale]
+    failed = list(stale_cells)
     live: dict[int, subprocess.Popen] = {}
     stop = {"signal": 0}
 

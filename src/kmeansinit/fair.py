@@ -16,6 +16,7 @@ each is an ordinary resumable run folder (:mod:`kmeansinit.experiments`).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,8 +179,6 @@ def _swept(lr: float, lrs) -> bool:
 
 def _on_grid(lr: float, first: float, step: float) -> bool:
     """Whether ``lr`` is ``first * step**k`` for an integer k (a rate of the coarse sweep or its extensions)."""
-    import math
-
     k = math.log(lr / first) / math.log(step)
     return abs(k - round(k)) < 1e-6
 

@@ -41,9 +41,9 @@ def create_model(name: str, num_classes: int = 10, width: float = 1.0, gated: bo
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     if name == "paper":  # PaperNet builds its gated form itself (the reference layout of Table 1)
         return PaperNet(num_classes, width, gated, in_channels, device=device, dtype=dtype, batch_norm=batch_norm)
-    kw = {} if batch_norm else dict(batch_norm=False)
     if not batch_norm and name not in NO_BN:
         raise ValueError(f"batch_norm=False is offered for {', '.join(NO_BN)} only; {name!r} is built with its BN layers")
+    kw = {} if batch_norm else dict(batch_norm=False)  # the other constructors take no batch_norm
     model = MODELS[name](num_classes=num_classes, width=width, in_channels=in_channels, device=device, dtype=dtype, **kw)
     return convert_to_gated(model, inplace=True) if gated else model
 
