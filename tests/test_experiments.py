@@ -267,7 +267,7 @@ def test_fair_report_tables_and_verdict(tmp_path):
     _fake_run(root / "sweep" / "he" / "lr0.01", 0.01, [dict(step=20, epoch=2, val_acc=0.40, wall=5)])
     _fake_run(root / "sweep" / "he" / "lr0.04", 0.04, [dict(step=20, epoch=2, val_acc=0.50, wall=5)])
     _fake_run(root / "sweep" / "he" / "lr0.16", 0.16, [], diverged=True)
-    finals = {"he": [0.45, 0.47, 0.46], "kmeans": [0.60, 0.61, 0.62]}
+    finals = {"he": [0.45, 0.47, 0.46], "kmeans": [0.60, 0.61, 0.62], "he-kmeans-norm": [0.55, 0.57, 0.59]}
     for init, accs in finals.items():
         for s, a in enumerate(accs):
             rows = [dict(step=10, epoch=1, val_acc=a - 0.1, test_acc=a - 0.12, wall=10),
@@ -281,9 +281,14 @@ def test_fair_report_tables_and_verdict(tmp_path):
     # Target = lowest final mean val accuracy (he: 46.0%): kmeans reaches it at step 10 (10 s + 3 s init).
     assert "| kmeans | 0.04 | 3 | 51.0 ± 1.0 | 49.0 ± 1.0 | 61.0 ± 1.0 | 59.0 ± 1.0 [56.5, 61.5] | 10 | 13 |" in text
     # Welch: se = sqrt(2 * 0.01^2 / 3), df = 4, t = 2.776: 15.0 +/- 2.3 points.
-    # p = 2 * P(T_4 > 15 / 0.8165) = 5.1e-5, so it prints as 0.000.
+    # p = 2 * P(T_4 > 15 / 0.8165) = 5.1e-5.
     assert ("`kmeans` vs the best baseline at the end (he): +15.0 points (95% CI of the difference [+12.7, +17.3], "
-            "Welch p = 0.000): ahead of it.") in text
+            "Welch p < 0.001): ahead of it.") in text
+    # The control against the init whose norms it takes: sd 2 and 1, se = sqrt(5/3) = 1.291, df =
+    # se^4 / ((4/3)^2/2 + (1/3)^2/2) = 2.941, t = -4 / 1.291 = -3.098: p = 0.055 (scipy: 0.0549), and
+    # the 97.5% quantile at that df (3.218, scipy) makes the interval -4.0 +/- 4.16 points.
+    assert ("`he-kmeans-norm` (He's directions at `kmeans`'s norms) vs `kmeans` at the end: -4.0 points "
+            "(95% CI of the difference [-8.2, +0.2], Welch p = 0.055): within the seed noise of it.") in text
     assert (tmp_path / "fair" / "lr_sweep.png").stat().st_size > 1000
 
 

@@ -162,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--image-size", type=int, default=None, help="image folders: resize to N x N")
     pk.add_argument("--quality", type=int, default=75, help="JPEG quality (default 75: our CIFAR-10 copy's own)")
     pk.add_argument("--out", required=True, help="the pack, a .npz file")
+    ar = sub.add_parser("archive", help="copy run folders' results (and, optionally, checkpoints) into a folder to commit")
+    ar.add_argument("src", help="a folder of runs, e.g. runs/fair")
+    ar.add_argument("dst", help="where the copy goes, e.g. docs/results/fair/runs (same layout)")
+    ar.add_argument("--checkpoints", action="store_true",
+                    help="also copy each unfinished run with its newest checkpoint, so --resume goes on from the copy")
+    ar.add_argument("--weights", action="store_true", help="also copy each finished run's final.pt")
     rep = sub.add_parser("report", help="write report.md, curves.png, filters.png from run folders")
     rep.add_argument("dir")
     rep.add_argument("--title", default=None)
@@ -228,6 +234,10 @@ def main(argv=None) -> int:
             print(f"{args.out}: {info['train_images']} + {info['test_images']} images, {info['bytes'] / 2**20:.1f} MiB; "
                   f"mean absolute pixel error {info['train_mean_abs_error']:.3f} (train), "
                   f"{info['test_mean_abs_error']:.3f} (test) grey levels")
+        elif args.command == "archive":
+            from .archive import archive_runs
+
+            print(f"{args.dst}: {archive_runs(args.src, args.dst, checkpoints=args.checkpoints, weights=args.weights)}")
         elif args.command == "report":
             from pathlib import Path
 

@@ -17,6 +17,8 @@ from .report import _mean_sd, _pyplot, collect
 __all__ = ["write_fair_report"]
 
 BASELINES = ("he", "xavier", "lsuv", "whitening")
+# Controls and the k-means init whose per-layer filter norms each one takes (He's directions).
+CONTROLS = {"he-kmeans-norm": "kmeans", "he-variance-norm": "kmeans-variance"}
 # Two-sided 95% quantiles of Student's t by degrees of freedom (1..10); 1.96 beyond.
 _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
 
@@ -163,15 +165,27 @@ def _final_section(runs) -> list[str]:
             for other, what in ((best, "the best baseline"), ("he", "He")):
                 if other not in stats or (what == "He" and best == "he"):  # He is the best baseline: said once
                     continue
-                diff, half, p = _welch(stats[km][key], stats[other][key])
-                label = f"\n`{km}` vs {what} {when}" + (f" ({other})" if what != "He" else "")
-                if half is None:
-                    lines.append(f"{label}: {100 * diff:+.1f} points (too few seeds for an interval).")
-                    continue
-                verdict = "ahead of" if diff - half > 0 else "behind" if diff + half < 0 else "within the seed noise of"
-                lines.append(f"{label}: {100 * diff:+.1f} points (95% CI of the difference [{100 * (diff - half):+.1f}, "
-                             f"{100 * (diff + half):+.1f}], Welch p = {p:.3f}): {verdict} it.")
+                label = f"`{km}` vs {what} {when}" + (f" ({other})" if what != "He" else "")
+                lines += ["", _compare(label, stats[km][key], stats[other][key])]
+    # Each direction-or-norm control against the init whose norms it borrows: a k-means init's gain that
+    # its control shares comes from the norms, one it does not share from the k-means directions.
+    for control, parent in CONTROLS.items():
+        if control in stats and parent in stats:
+            for when, key in (("at the end", "val"), ("at the end, test", "test")):
+                lines += ["", _compare(f"`{control}` (He's directions at `{parent}`'s norms) vs `{parent}` {when}",
+                                       stats[control][key], stats[parent][key])]
     return lines
+
+
+def _compare(label: str, a: dict, b: dict) -> str:
+    """One line: the difference of two inits' mean accuracies, its 95% interval and Welch's p."""
+    diff, half, p = _welch(a, b)
+    if half is None:
+        return f"{label}: {100 * diff:+.1f} points (too few seeds for an interval)."
+    verdict = "ahead of" if diff - half > 0 else "behind" if diff + half < 0 else "within the seed noise of"
+    p_txt = f"p = {p:.3f}" if p >= 0.001 else "p < 0.001"
+    return (f"{label}: {100 * diff:+.1f} points (95% CI of the difference [{100 * (diff - half):+.1f}, "
+            f"{100 * (diff + half):+.1f}], Welch {p_txt}): {verdict} it.")
 
 
 def write_fair_report(root: str | Path) -> Path:
