@@ -9,11 +9,12 @@ from .baselines import fans, he_, lsuv_, normal_, whitening_, xavier_
 from .kmeans import KMeansOptions, joint_objective, kmeans_init_, scale_filters_
 from .report import InitReport, LayerReport
 from .controls import he_kmeans_norm_, he_variance_norm_
+from .hybrid import kmeans_lsuv_
 
 __all__ = [
     "initialize_", "METHODS", "PRESETS", "DATA_FREE", "kmeans_init_", "KMeansOptions", "joint_objective", "normal_", "xavier_", "he_",
     "lsuv_", "whitening_", "scale_filters_", "fans", "InitReport", "LayerReport", "he_kmeans_norm_",
-    "he_variance_norm_", "RUNS_KMEANS",
+    "he_variance_norm_", "kmeans_lsuv_", "RUNS_KMEANS",
 ]
 
 #: k-means presets: keyword arguments of :func:`kmeans_init_`; explicit options override them.
@@ -42,12 +43,12 @@ PRESETS: dict[str, dict] = {
 }
 
 _DATA_FREE = {"normal": normal_, "xavier": xavier_, "he": he_, "he-kmeans-norm": he_kmeans_norm_}
-_DATA = {"lsuv": lsuv_, "whitening": whitening_, "he-variance-norm": he_variance_norm_}
+_DATA = {"lsuv": lsuv_, "whitening": whitening_, "he-variance-norm": he_variance_norm_, "kmeans-lsuv": kmeans_lsuv_}
 DATA_FREE = tuple(_DATA_FREE)  # methods that need no images
 METHODS = tuple(_DATA_FREE) + tuple(_DATA) + tuple(PRESETS)
-#: Methods that run the k-means init (the presets, and the control that runs one on a copy): they take
+#: Methods that run the k-means init (the presets, the control that runs one on a copy, the hybrid): they take
 #: its ``seed`` and ``progress`` options.
-RUNS_KMEANS = tuple(PRESETS) + ("he-variance-norm",)
+RUNS_KMEANS = tuple(PRESETS) + ("he-variance-norm", "kmeans-lsuv")
 
 
 def initialize_(model: nn.Module, method: str, images: Tensor | None = None, **options) -> InitReport:
@@ -55,6 +56,7 @@ def initialize_(model: nn.Module, method: str, images: Tensor | None = None, **o
 
     Methods: ``"normal"`` (std 1e-3), ``"xavier"``, ``"he"``, ``"he-kmeans-norm"`` (no data);
     ``"lsuv"``, ``"whitening"``, ``"he-variance-norm"`` (He's directions at ``kmeans-variance``'s norms),
+    ``"kmeans-lsuv"`` (``kmeans-variance`` in the first ``layers=2`` layers, LSUV in the others),
     ``"kmeans"`` (our first preset), ``"kmeans-he-norm"`` and ``"kmeans-variance"`` (its directions at
     He's norm, or at unit output variance per layer), ``"kmeans-joint"``, ``"kmeans-paper"`` (the
     paper's recipe), ``"kmeans-layerwise"`` (these need ``images``). ``options`` go to the underlying function and override a preset's values.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Collection
 
 import torch
 import torch.nn as nn
@@ -77,17 +78,24 @@ def he_(model: nn.Module, generator: torch.Generator | None = None) -> InitRepor
 
 
 def lsuv_(model: nn.Module, images: Tensor, *, tol: float = 0.1, max_iters: int = 10, batch_size: int = 256,
-          generator: torch.Generator | None = None) -> InitReport:
+          generator: torch.Generator | None = None, skip: Collection[str] = ()) -> InitReport:
     """Layer-sequential unit-variance init (Mishkin & Matas 2016).
 
     Orthonormal weights, then, layer by layer in forward order, the weight is divided by the standard
     deviation of the layer's output on ``images[:batch_size]`` until that variance is within ``tol`` of 1
     (with a zero bias one division gets there). BN layers use batch statistics; running statistics and
     modes are restored afterwards. All layers are scaled in one forward pass.
+
+    ``skip``: names of conv or linear layers (as ``model.named_modules()`` gives them) left exactly as
+    they are, weights and biases; every later layer is scaled on the outputs they give.
     """
     start = time.perf_counter()
     images = check_images(images, min_count=2)
     layers = find_layers(model, include_linear=True)
+    unknown = sorted(set(skip) - set(layers))
+    if unknown:
+        raise ValueError(f"skip names {unknown[0]!r}, not a conv or linear layer of the model")
+    layers = {n: m for n, m in layers.items() if n not in set(skip)}
     batch = images[:batch_size]
     keep = {f"{n}.weight" for n in layers} | {f"{n}.bias" for n in layers if layers[n].bias is not None}
     with torch.no_grad():

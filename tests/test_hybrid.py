@@ -1,0 +1,130 @@
+"""k-means in the first layers, LSUV in the rest (kmeansinit.init.hybrid) and LSUV's ``skip``."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.testing import assert_close
+
+from kmeansinit.init import initialize_, lsuv_
+from kmeansinit.init._model import batchnorm_train_mode, find_layers, forward_order
+from kmeansinit.models import create_model
+
+FAST = dict(progress=False, steps=2, stat_patches=4096)
+
+
+def _images(n=24, seed=1):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _lsuv_reference(model, x, skip, seed, tol=0.1, max_iters=10):
+    """LSUV as Mishkin & Matas describe it, layer by layer with a fresh forward pass to each layer's
+    input, leaving the ``skip`` layers as they are (the O(L^2) reference of the one-pass code)."""
+    layers = {n: m for n, m in find_layers(model, include_linear=True).items() if n not in skip}
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in layers.values():
+            q = torch.empty(m.weight.shape[0], m.weight[0].numel())
+            nn.init.orthogonal_(q, generator=g)
+            m.weight.copy_(q.reshape(m.weight.shape))
+            if m.bias is not None:
+                m.bias.zero_()
+        with batchnorm_train_mode(model):
+            for name in forward_order(model, layers, x):
+                m, seen = layers[name], []
+                h = m.register_forward_pre_hook(lambda mod, args: seen.append(args[0]) if not seen else None)
+                model(x)
+                h.remove()
+                for _ in range(max_iters):
+                    var = float(m(seen[0]).var())
+                    if abs(var - 1.0) < tol:
+                        break
+                    m.weight.div_(math.sqrt(var))
+
+
+@pytest.mark.parametrize("name", ["paper", "resnet20", "vgg11"])
+def test_kmeans_lsuv_is_kmeans_variance_first_then_lsuv_on_the_rest(name):
+    x = _images()
+
+    def build():
+        torch.manual_seed(0)
+        return create_model(name, width=0.25)
+
+    ours, kv = build(), build()
+    report = initialize_(ours, "kmeans-lsuv", x, seed=4, layers=2, **FAST)
+    # The reference, step by step: kmeans-variance on the first two layers (the same seed), then
+    # LSUV layer by layer on every other conv and linear layer, with those two in place.
+    rep_kv = initialize_(kv, "kmeans-variance", x, seed=4, layers=2, **FAST)
+    first = [r.name for r in rep_kv.layers]
+    assert len(first) == 2 and [r.name for r in report.layers][:2] == first
+    _lsuv_reference(kv, x, set(first), seed=4)
+    named = dict(kv.named_parameters())
+    for k, p in ours.named_parameters():
+        assert torch.isfinite(p).all(), k
+        if any(k.startswith(f + ".") for f in first):
+            assert torch.equal(p, named[k]), k  # LSUV left the k-means layers exactly as they were
+        else:
+            assert_close(p, named[k], rtol=1e-5, atol=1e-6, msg=k)
+    # Every layer is in the report once, and BN running statistics are as they were.
+    assert sorted(r.name for r in report.layers) == sorted(find_layers(ours, include_linear=True))
+    assert report.method == "kmeans-lsuv" and report.options["layers"] == 2
+    for (k, a), b in zip(build().named_buffers(), ours.buffers()):
+        assert torch.equal(a, b), k
+
+
+def test_kmeans_lsuv_layers_after_the_first_have_unit_output_variance_and_orthogonal_rows():
+    x = _images(32)
+    torch.manual_seed(0)
+    model = create_model("paper", width=0.25, batch_norm=False)  # no BN: LSUV's scale is all there is
+    report = initialize_(model, "kmeans-lsuv", x, seed=0, layers=1, lsuv_options=dict(tol=0.01), **FAST)
+    first = report.layers[0].name
+    outs = {}
+    # A clone, before the in-place ReLU; the hook returns None (a returned tensor would replace the output).
+    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: outs.update({n: out.clone()}))
+             for n, m in find_layers(model, include_linear=True).items()]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    for n, m in find_layers(model, include_linear=True).items():
+        if n == first:
+            continue
+        assert abs(float(outs[n].var()) - 1) < 0.02, n
+        w = m.weight.detach().flatten(1)
+        if w.shape[0] <= w.shape[1]:  # orthonormal rows, times the one scale LSUV divided by
+            gram = w @ w.t()
+            assert_close(gram, gram.diagonal().mean() * torch.eye(w.shape[0]), rtol=0, atol=1e-4 * float(gram.diagonal().mean()))
+
+
+def test_kmeans_lsuv_same_seed_same_weights_and_depthwise_goes_to_lsuv():
+    x = _images(16)
+
+    def run(seed):
+        torch.manual_seed(0)
+        m = create_model("mobilenetv2", width=0.25)
+        return m, initialize_(m, "kmeans-lsuv", x, seed=seed, layers=2, **FAST)
+
+    (a, rep), (b, _), (c, _) = run(1), run(1), run(2)
+    for (k, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb), k
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
+    # MobileNetV2's second layer is depthwise: ZCA k-means cannot cluster it, LSUV sets it.
+    (name, why), = rep.skipped.items()
+    assert "depthwise" in why and "LSUV" in why
+    assert sum(r.name == name for r in rep.layers) == 1
+
+
+def test_lsuv_skip_leaves_those_layers_alone_and_names_an_unknown_one():
+    x = _images(16)
+    torch.manual_seed(0)
+    model = create_model("resnet20", width=0.25)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    rep = lsuv_(model, x, skip=["conv1", "layer1.0.conv1"], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.conv1.weight, before["conv1.weight"])
+    assert torch.equal(model.layer1[0].conv1.weight, before["layer1.0.conv1.weight"])
+    assert not torch.equal(model.layer1[0].conv2.weight, before["layer1.0.conv2.weight"])
+    assert {"conv1", "layer1.0.conv1"}.isdisjoint(r.name for r in rep.layers)
+    with pytest.raises(ValueError, match="'nope'"):
+        lsuv_(model, x, skip=["nope"])
+    with pytest.raises(ValueError, match="layers must be a positive int"):
+        initialize_(create_model("paper", width=0.25), "kmeans-lsuv", x, layers=0, **FAST)
