@@ -43,6 +43,9 @@ FAIR_INITS = {
     # Its control, joined after kmeans-variance's PaperNet lead (fifth session): He's directions at
     # kmeans-variance's filter norms, so a lead it shares comes from the norms, not the k-means directions.
     "he-variance-norm": dict(init="he-variance-norm"),
+    # Joined in the seventh session, for the settings where no k-means init was ahead (VGG-11,
+    # ResNet-20): k-means directions in the first two layers only, LSUV in every other layer.
+    "kmeans-lsuv": dict(init="kmeans-lsuv"),
 }
 #: PaperNet only: the paper's recipe, with 2,000 of its 10,000 gradient steps (the recipe is at 99.5%
 #: of its 10,000-step objective after 1,000: benchmarks/RESULTS.md, "Joint solver sweep").
