@@ -2,6 +2,8 @@ import pickle
 import tarfile
 from pathlib import Path
 
+import math
+
 import numpy as np
 import pytest
 
@@ -40,6 +42,37 @@ def make_archive(folder: Path, out: Path) -> Path:
     with tarfile.open(out, "w:gz") as tar:
         tar.add(folder, arcname=folder.name)
     return out
+
+
+def lsuv_layer_by_layer(model, x, tol=0.1, max_iters=10, seed=0, skip=()):
+    """LSUV as Mishkin & Matas describe it: orthonormal weights, then for each layer in forward order a
+    fresh forward pass to its input, and divisions until its output variance is within tol of 1 (the
+    O(L^2) reference of the one-pass code). ``skip`` layers are left exactly as they are."""
+    import torch
+    import torch.nn as nn
+
+    from kmeansinit.init._model import batchnorm_train_mode, find_layers, forward_order
+
+    layers = {n: m for n, m in find_layers(model, include_linear=True).items() if n not in set(skip)}
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in layers.values():
+            q = torch.empty(m.weight.shape[0], m.weight[0].numel())
+            nn.init.orthogonal_(q, generator=g)
+            m.weight.copy_(q.reshape(m.weight.shape))
+            if m.bias is not None:
+                m.bias.zero_()
+        with batchnorm_train_mode(model):
+            for name in forward_order(model, layers, x):
+                m, seen = layers[name], []
+                h = m.register_forward_pre_hook(lambda mod, args: seen.append(args[0]) if not seen else None)
+                model(x)
+                h.remove()
+                for _ in range(max_iters):
+                    var = float(m(seen[0]).var())
+                    if abs(var - 1.0) < tol:
+                        break
+                    m.weight.div_(math.sqrt(var))
 
 
 @pytest.fixture

@@ -1,13 +1,11 @@
 """k-means in the first layers, LSUV in the rest (kmeansinit.init.hybrid) and LSUV's ``skip``."""
-import math
-
 import pytest
 import torch
-import torch.nn as nn
 from torch.testing import assert_close
 
 from kmeansinit.init import initialize_, lsuv_
-from kmeansinit.init._model import batchnorm_train_mode, find_layers, forward_order
+from conftest import lsuv_layer_by_layer
+from kmeansinit.init._model import find_layers
 from kmeansinit.models import create_model
 
 FAST = dict(progress=False, steps=2, stat_patches=4096)
@@ -15,31 +13,6 @@ FAST = dict(progress=False, steps=2, stat_patches=4096)
 
 def _images(n=24, seed=1):
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def _lsuv_reference(model, x, skip, seed, tol=0.1, max_iters=10):
-    """LSUV as Mishkin & Matas describe it, layer by layer with a fresh forward pass to each layer's
-    input, leaving the ``skip`` layers as they are (the O(L^2) reference of the one-pass code)."""
-    layers = {n: m for n, m in find_layers(model, include_linear=True).items() if n not in skip}
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in layers.values():
-            q = torch.empty(m.weight.shape[0], m.weight[0].numel())
-            nn.init.orthogonal_(q, generator=g)
-            m.weight.copy_(q.reshape(m.weight.shape))
-            if m.bias is not None:
-                m.bias.zero_()
-        with batchnorm_train_mode(model):
-            for name in forward_order(model, layers, x):
-                m, seen = layers[name], []
-                h = m.register_forward_pre_hook(lambda mod, args: seen.append(args[0]) if not seen else None)
-                model(x)
-                h.remove()
-                for _ in range(max_iters):
-                    var = float(m(seen[0]).var())
-                    if abs(var - 1.0) < tol:
-                        break
-                    m.weight.div_(math.sqrt(var))
 
 
 @pytest.mark.parametrize("name", ["paper", "resnet20", "vgg11"])
@@ -57,7 +30,7 @@ def test_kmeans_lsuv_is_kmeans_variance_first_then_lsuv_on_the_rest(name):
     rep_kv = initialize_(kv, "kmeans-variance", x, seed=4, layers=2, **FAST)
     first = [r.name for r in rep_kv.layers]
     assert len(first) == 2 and [r.name for r in report.layers][:2] == first
-    _lsuv_reference(kv, x, set(first), seed=4)
+    lsuv_layer_by_layer(kv, x, seed=4, skip=first)
     named = dict(kv.named_parameters())
     for k, p in ours.named_parameters():
         assert torch.isfinite(p).all(), k

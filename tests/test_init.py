@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from scipy import stats
 from torch.testing import assert_close
 
+from conftest import lsuv_layer_by_layer
 from kmeansinit import GatedConv2d, InitReport, PaperNet, initialize_, joint_objective, kmeans_init_
 from kmeansinit.init import DATA_FREE, METHODS, RUNS_KMEANS, fans
 from kmeansinit.objectives import cosine_penalty, kmeans_objective
@@ -245,33 +246,6 @@ def test_lsuv_gives_unit_output_variance():
             assert abs(float(h.var()) - 1) < 0.02
 
 
-def _lsuv_layer_by_layer(model, x, tol=0.1, max_iters=10, seed=0):
-    """LSUV as Mishkin & Matas describe it: orthonormal weights, then for each layer in forward order a
-    fresh forward pass to its input, and divisions until its output variance is within tol of 1."""
-    from kmeansinit.init._model import batchnorm_train_mode, find_layers, forward_order
-
-    layers = find_layers(model, include_linear=True)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in layers.values():
-            q = torch.empty(m.weight.shape[0], m.weight[0].numel())
-            nn.init.orthogonal_(q, generator=g)
-            m.weight.copy_(q.reshape(m.weight.shape))
-            if m.bias is not None:
-                m.bias.zero_()
-        with batchnorm_train_mode(model):
-            for name in forward_order(model, layers, x):
-                m, seen = layers[name], []
-                h = m.register_forward_pre_hook(lambda mod, args: seen.append(args[0]) if not seen else None)
-                model(x)
-                h.remove()
-                for _ in range(max_iters):
-                    var = float(m(seen[0]).var())
-                    if abs(var - 1.0) < tol:
-                        break
-                    m.weight.div_(math.sqrt(var))
-
-
 @pytest.mark.parametrize("name", ["paper", "paper-gated", "resnet20", "mobilenetv2"])
 def test_lsuv_in_one_pass_equals_lsuv_layer_by_layer(name):
     from kmeansinit.models import create_model
@@ -282,7 +256,7 @@ def test_lsuv_in_one_pass_equals_lsuv_layer_by_layer(name):
 
     x = images(12, size=32)  # the reference's forward per layer is O(L^2): MobileNetV2 has 53 layers
     ref, ours = build(), build()
-    _lsuv_layer_by_layer(ref, x)
+    lsuv_layer_by_layer(ref, x)
     report = initialize_(ours, "lsuv", x, generator=torch.Generator().manual_seed(0))
     for (k, a), b in zip(ref.named_parameters(), ours.parameters()):
         assert_close(b, a, rtol=1e-5, atol=1e-6, msg=k)
