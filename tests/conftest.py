@@ -53,7 +53,8 @@ def lsuv_layer_by_layer(model, x, tol=0.1, max_iters=10, seed=0, skip=()):
 
     from kmeansinit.init._model import batchnorm_train_mode, find_layers, forward_order
 
-    layers = {n: m for n, m in find_layers(model, include_linear=True).items() if n not in set(skip)}
+    skip = set(skip)
+    layers = {n: m for n, m in find_layers(model, include_linear=True).items() if n not in skip}
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in layers.values():

@@ -81,6 +81,20 @@ def test_archived_checkpoint_resumes_to_the_uninterrupted_run(grid, tmp_path, ca
     assert archive_runs(grid, tmp_path / "w", weights=True) and (tmp_path / "w" / "he" / "s1" / "final.pt").exists()
 
 
+def test_archive_copies_the_checkpoint_resume_would_read(grid, tmp_path):
+    cut = grid / "he" / "s1"
+    assert torch.load(cut / "checkpoint.prev.pt", weights_only=False)["step"] == 0  # the init's own
+    (cut / "checkpoint.pt").write_bytes(b"garbage")  # cut short: --resume falls back to the previous one
+    s = archive_runs(grid, tmp_path / "kept", checkpoints=True)
+    assert s.in_flight == ["he/s1"]
+    kept = tmp_path / "kept" / "he" / "s1" / "checkpoint.pt"
+    assert kept.read_bytes() == (cut / "checkpoint.prev.pt").read_bytes()
+    (cut / "checkpoint.prev.pt").write_bytes(b"garbage")  # nothing left to resume from: not copied
+    s = archive_runs(grid, tmp_path / "again", checkpoints=True)
+    assert s.unreadable == ["he/s1"] and not s.in_flight and not (tmp_path / "again" / "he" / "s1").exists()
+    assert "no readable checkpoint: he/s1" in str(s)
+
+
 def test_archive_errors_name_the_folder(tmp_path, capsys):
     assert main(["archive", str(tmp_path / "none"), str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()

@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from kmeansinit.init import initialize_, lsuv_
 from conftest import lsuv_layer_by_layer
+from kmeansinit.init import initialize_, lsuv_
 from kmeansinit.init._model import find_layers
 from kmeansinit.models import create_model
 

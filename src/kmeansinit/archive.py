@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .experiments import finished
+from .train import CKPT, PREV, RunError, newest_readable_checkpoint
 
 __all__ = ["RESULT_FILES", "ArchiveSummary", "archive_runs"]
 
 RESULT_FILES = ("config.json", "metrics.jsonl", "init_report.json", "diverged.json")
-CHECKPOINTS = ("checkpoint.pt", "checkpoint.prev.pt")
 
 
 @dataclass
@@ -32,6 +32,7 @@ class ArchiveSummary:
     finished: list[str] = field(default_factory=list)
     in_flight: list[str] = field(default_factory=list)  # copied with their newest checkpoint
     skipped: list[str] = field(default_factory=list)  # unfinished, not copied (no ``checkpoints``)
+    unreadable: list[str] = field(default_factory=list)  # unfinished, no checkpoint --resume could read
 
     def __str__(self) -> str:
         text = f"{len(self.finished)} finished runs copied"
@@ -39,6 +40,8 @@ class ArchiveSummary:
             text += f", {len(self.in_flight)} unfinished with their newest checkpoint"
         if self.skipped:
             text += f", {len(self.skipped)} unfinished left out (--checkpoints copies them)"
+        if self.unreadable:
+            text += f", {len(self.unreadable)} unfinished left out with no readable checkpoint: {', '.join(self.unreadable)}"
         return text
 
 
@@ -50,21 +53,14 @@ def _run_dirs(src: Path):
             yield d
 
 
-def _newest_checkpoint(d: Path) -> Path | None:
-    """checkpoint.pt, else checkpoint.prev.pt (train writes the new one before it drops the old)."""
-    for name in CHECKPOINTS:
-        if (d / name).is_file():
-            return d / name
-    return None
-
-
 def archive_runs(src: str | Path, dst: str | Path, *, checkpoints: bool = False,
                  weights: bool = False) -> ArchiveSummary:
     """Copy the results of every run folder under ``src`` to the same relative path under ``dst``.
 
     Finished runs (``final.pt`` written, or metrics ending with the final evaluation) and diverged ones
     get :data:`RESULT_FILES`; with ``weights`` also ``final.pt``. With ``checkpoints``, an unfinished run
-    gets its results and its newest checkpoint (as ``checkpoint.pt``); without, it is left out. A run that
+    gets its results and the checkpoint ``--resume`` would read (as ``checkpoint.pt``: the newest readable
+    one, :func:`~kmeansinit.train.newest_readable_checkpoint`); without, it is left out. A run that
     has finished since an earlier copy loses that copy's checkpoints. Files are replaced whole, so a copy
     interrupted half-way leaves every file either old or new; a run's folder in ``dst`` that the source no
     longer has is left alone (it may be an earlier machine's result).
@@ -78,8 +74,15 @@ def archive_runs(src: str | Path, dst: str | Path, *, checkpoints: bool = False,
     for d in _run_dirs(src):
         rel = d.relative_to(src)
         done = finished(d) or (d / "diverged.json").exists()
-        ckpt = None if done else _newest_checkpoint(d)
-        if not done and (not checkpoints or ckpt is None):
+        ckpt = None
+        if not done and checkpoints:
+            try:
+                hit = newest_readable_checkpoint(d)
+            except RunError:
+                summary.unreadable.append(str(rel))
+                continue
+            ckpt = None if hit is None else hit[0]
+        if not done and ckpt is None:
             summary.skipped.append(str(rel))
             continue
         try:
@@ -93,12 +96,12 @@ def archive_runs(src: str | Path, dst: str | Path, *, checkpoints: bool = False,
             if (d / name).is_file():
                 _copy(d / name, out / name)
         if done:
-            for name in CHECKPOINTS:  # the run finished since an earlier copy of it
+            for name in (CKPT, PREV):  # the run finished since an earlier copy of it
                 (out / name).unlink(missing_ok=True)
             summary.finished.append(str(rel))
         else:
-            _copy(ckpt, out / "checkpoint.pt")
-            (out / "checkpoint.prev.pt").unlink(missing_ok=True)
+            _copy(ckpt, out / CKPT)
+            (out / PREV).unlink(missing_ok=True)
             summary.in_flight.append(str(rel))
     return summary
 

@@ -304,9 +304,10 @@ def _read_rows(path: Path, log=None) -> list[dict]:
     return rows
 
 
-def _load_checkpoint(out: Path, device, log) -> dict | None:
-    """The newest readable checkpoint of ``out`` (checkpoint.pt, else checkpoint.prev.pt), or None if
-    there is none; an unreadable one is named in one line and passed over."""
+def newest_readable_checkpoint(out: Path, device="cpu", log=lambda line: None) -> tuple[Path, dict] | None:
+    """(path, contents) of the newest readable checkpoint of ``out`` (checkpoint.pt, else
+    checkpoint.prev.pt), or None if there is none; an unreadable one is named in one line and passed
+    over, and ``RunError`` says so when every one present is unreadable."""
     present = [out / n for n in (CKPT, PREV) if (out / n).exists()]
     reasons = []
     for path in present:
@@ -321,10 +322,16 @@ def _load_checkpoint(out: Path, device, log) -> dict | None:
             continue
         if path.name == PREV:
             log(f"resuming from {path} (step {ck['step']})")
-        return ck
+        return path, ck
     if present:
         raise RunError(f"{out}: no readable checkpoint: {'; '.join(reasons)}; start the run again with a new --out")
     return None
+
+
+def _load_checkpoint(out: Path, device, log) -> dict | None:
+    """The contents of :func:`newest_readable_checkpoint`, or None if there is none."""
+    hit = newest_readable_checkpoint(out, device, log)
+    return None if hit is None else hit[1]
 
 
 class _Progress:

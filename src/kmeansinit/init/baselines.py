@@ -92,10 +92,11 @@ def lsuv_(model: nn.Module, images: Tensor, *, tol: float = 0.1, max_iters: int 
     start = time.perf_counter()
     images = check_images(images, min_count=2)
     layers = find_layers(model, include_linear=True)
-    unknown = sorted(set(skip) - set(layers))
+    skip = set(skip)
+    unknown = sorted(skip - set(layers))
     if unknown:
         raise ValueError(f"skip names {unknown[0]!r}, not a conv or linear layer of the model")
-    layers = {n: m for n, m in layers.items() if n not in set(skip)}
+    layers = {n: m for n, m in layers.items() if n not in skip}
     batch = images[:batch_size]
     keep = {f"{n}.weight" for n in layers} | {f"{n}.bias" for n in layers if layers[n].bias is not None}
     with torch.no_grad():
