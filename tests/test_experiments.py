@@ -435,3 +435,26 @@ def test_stacked_grid_runs_and_resumes_cells_in_stacks(fake_cifar10, tmp_path):
         if c is not victim:  # a stack's output is in every member's log; each config names its stack
             assert "stack of" in (c.out / "train.log").read_text()
             assert str(c.out) in json.loads((c.out / "config.json").read_text())["stacked_with"]
+
+
+def test_report_shows_validation_accuracy_when_runs_hold_out_a_split(tmp_path):
+    def run(folder, accs):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps(dict(init="he", optimizer="sgd", resolved_iterations=20,
+                                                            batch_size=8, lr=1e-3, weight_decay=1e-5)))
+        rows = [dict(step=20, epoch=1.0, wall=2.0, val_acc=v, test_acc=t, test_loss=0.5) for v, t in [accs]]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "final.pt").write_bytes(b"")
+
+    run(tmp_path / "a" / "s0", (0.40, 0.42))
+    run(tmp_path / "a" / "s1", (0.44, 0.46))
+    text = write_report(tmp_path).read_text()
+    # val 42.0 ± 2.8 (sd of 0.40, 0.44), then test 44.0 ± 2.8.
+    assert "| cell | n | final val acc | final test acc |" in text
+    assert "| a | 2 | 42.0 ± 2.8 | 44.0 ± 2.8 | 0.500 ± 0.000 |" in text
+    # Runs without a validation split keep the table as it was.
+    for f in tmp_path.rglob("metrics.jsonl"):
+        f.write_text(f.read_text().replace('"val_acc"', '"other"'))
+    (tmp_path / "report.md").unlink()
+    text = write_report(tmp_path).read_text()
+    assert "val acc" not in text and "| a | 2 | 44.0 ± 2.8 |" in text

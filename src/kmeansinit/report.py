@@ -125,6 +125,8 @@ def summarize(runs: list[Run]) -> dict[str, dict]:
         last = [r.evals[-1] for r in done]
         acc, acc_sd = _mean_sd([x["test_acc"] for x in last])
         loss, loss_sd = _mean_sd([x["test_loss"] for x in last])
+        # Validation accuracy at the final evaluation (runs with --val): what a choice is made on.
+        val, val_sd = _mean_sd([x.get("val_acc") for x in last])
         per_epoch = None
         cfg = rs[0].config
         if "resolved_iterations" in cfg and rs[0].rows:
@@ -144,7 +146,7 @@ def summarize(runs: list[Run]) -> dict[str, dict]:
                 vals = [_acc_at(r, e * per_epoch) for r in done if r.evals[-1]["step"] >= e * per_epoch - per_epoch // 10]
                 if vals and len(vals) == len(done):
                     epochs[e] = _mean_sd(vals)
-        out[g] = dict(n=len(rs), finished=sum(r.finished for r in rs), acc=acc, acc_sd=acc_sd, loss=loss,
+        out[g] = dict(n=len(rs), finished=sum(r.finished for r in rs), acc=acc, acc_sd=acc_sd, val=val, val_sd=val_sd, loss=loss,
                       loss_sd=loss_sd, steps=last[0]["step"], reach=reach, epochs=epochs, per_epoch=per_epoch,
                       init=cfg.get("init"), optimizer=cfg.get("optimizer"),
                       init_seconds=_mean_sd([r.init.get("seconds", math.nan) for r in rs])[0],
@@ -195,8 +197,12 @@ def report_markdown(root: Path, runs: list[Run], summary: dict[str, dict], title
              f"Schedule: {sched}. Test accuracy in %, mean ± sd over seeds (n = seeds; final numbers over "
              "finished runs only). 'Paper' quotes the paper (75,000 iterations) only where we have its number.", ""]
     has_epochs = any(s["epochs"] for s in summary.values())
-    head = "| cell | n | final test acc | final test loss |"
-    sep = "|---|---|---|---|"
+    has_val = any(not math.isnan(s["val"]) for s in summary.values())
+    if has_val:
+        lines += ["'Final val acc': on the validation split the runs held out of training (`--val`), "
+                        "the one to choose on; test accuracy is for the final numbers.", ""]
+    head = "| cell | n |" + (" final val acc |" if has_val else "") + " final test acc | final test loss |"
+    sep = "|---|---|" + ("---|" if has_val else "") + "---|---|"
     if has_epochs:
         head += " acc @1 ep | acc @3 ep |"
         sep += "---|---|"
@@ -211,7 +217,10 @@ def report_markdown(root: Path, runs: list[Run], summary: dict[str, dict], title
     for g, s in summary.items():
         done = "" if s["finished"] == s["n"] else f" ({s['n'] - s['finished']} running)"
         one = s["finished"] < 2  # no spread from a single run
-        row = (f"| {g} | {s['n']}{done} | {_fmt(s['acc'], None if one else s['acc_sd'])} | "
+        row = f"| {g} | {s['n']}{done} |"
+        if has_val:
+            row += f" {_fmt(s['val'], None if one else s['val_sd'])} |"
+        row += (f" {_fmt(s['acc'], None if one else s['acc_sd'])} | "
                f"{_fmt(s['loss'], None if one else s['loss_sd'], pct=False)} |")
         if has_epochs:
             row += "".join(f" {_fmt(s['epochs'][e][0], None if one else s['epochs'][e][1]) if e in s['epochs'] else '–'} |"
