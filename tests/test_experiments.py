@@ -187,6 +187,20 @@ def test_fair_grid_picks_best_rate_and_extends_at_the_edges(tmp_path):
     assert all(c.config.epochs == FAIR_ARCHS["resnet20"].final_epochs for c in final)
 
 
+def test_fair_rates_are_factor_4_grids_and_an_off_grid_list_is_named(tmp_path, monkeypatch):
+    from kmeansinit import fair
+
+    for arch, a in fair.FAIR_ARCHS.items():  # extension and refinement walk each list's grid
+        for opt, lrs in a.lrs.items():
+            assert all(fair._on_grid(lr, lrs[0], 4.0) for lr in lrs), (arch, opt, lrs)
+    # vgg11-nobn's first list (0.003125 is 3.9x 0.0008): every rate but the first was off the grid,
+    # so every init looked best at an end and the sweep grew near-duplicates (0.0032 beside 0.003125).
+    bad = fair.FairArch("vgg11", {"sgd": [0.0008, 0.003125, 0.0125, 0.05]}, width=0.5)
+    monkeypatch.setitem(fair.FAIR_ARCHS, "bad", bad)
+    with pytest.raises(ValueError, match=r"bad sgd: .*not a factor-4 grid \(0.003125 is off it\)"):
+        fair.best_lrs(tmp_path, "bad", "sgd", inits={"he": dict(init="he")})
+
+
 def test_fair_grid_refines_the_best_rate_by_factors_of_two(tmp_path):
     from kmeansinit.fair import FAIR_ARCHS, best_lrs, sweep_cells
 

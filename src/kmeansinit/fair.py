@@ -93,7 +93,10 @@ FAIR_ARCHS = {
     # The same question on a modern plain net: VGG-11 without BN (the original VGG, a bias per conv),
     # which trains from scratch only from a well-scaled init (Mishkin & Matas 2016 used LSUV). The rates
     # start a factor 4 below VGG-11-BN's best (0.0125); the sweep extends them where a best is at an end.
-    "vgg11-nobn": FairArch("vgg11", {"sgd": [0.0008, 0.003125, 0.0125, 0.05]}, width=0.5,
+    # Its first list (0.0008, 0.003125, 0.0125, 0.05: not a factor-4 grid) left only 0.0008 on the
+    # grid `best_lrs` extends, which then added 0.0002, 5e-05 and 0.0032 to 0.2048 beside the listed
+    # rates (eighth session). These are the rates it ran; the others stay in the sweep as extra rates.
+    "vgg11-nobn": FairArch("vgg11", {"sgd": [0.0008, 0.0032, 0.0128, 0.0512]}, width=0.5,
                            extra=dict(batch_norm=False)),
     # Few labels, many unlabelled images (Coates & Ng 2011): 2,000 labelled training images (200 a
     # class); the data-dependent inits see all 45,000. 20 epochs of the labelled set (300 steps) to
@@ -153,6 +156,10 @@ def best_lrs(out, arch: str, optimizer: str, *, extend: int = 2, step: float = 4
     of the swept range (and fewer than ``extend`` rates were added on that side), the next rate."""
     a = FAIR_ARCHS[arch]
     base_lrs = a.lrs[optimizer]
+    off = [lr for lr in base_lrs if not _on_grid(lr, base_lrs[0], step)]
+    if off:  # the extension and refinement below walk that grid; off it they extend at every end
+        raise ValueError(f"{arch} {optimizer}: learning rates {base_lrs} are not a factor-{step:g} grid "
+                         f"({off[0]:g} is off it)")
     found: dict[str, dict[float, float | None]] = {}
     # The swept rates with those added by earlier extensions.
     for c in sweep_cells(out, arch, optimizer, _extra_lrs(out, arch, optimizer), **kw):
