@@ -250,8 +250,9 @@ def test_fair_dry_run_prints_the_sweep(capsys, tmp_path):
 
     assert main(["reproduce", "fair", "--arch", "resnet20", "--out", str(tmp_path / "f"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert out.count("--model resnet20") == 10 * 4 and "--val 5000" in out and "chosen after the sweep" in out
+    assert out.count("--model resnet20") == 11 * 4 and "--val 5000" in out and "chosen after the sweep" in out
     assert out.count("--init kmeans-lsuv ") == 4  # the seventh session's candidate, at every rate
+    assert out.count("zca_eps=0.1") == 4  # the ninth session's
     # The no-BN and few-label settings: every cell carries its setting; both have k-means at a
     # data-dependent (unit output variance) norm, no-BN in the form its cells ran with (the kmeans
     # preset with scale="variance"); the 20-minute kmeans-paper init is left out of both.
@@ -260,11 +261,11 @@ def test_fair_dry_run_prints_the_sweep(capsys, tmp_path):
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("python")]
     nobn = [l for l in lines if "paper-nobn-sgd" in l]
     few = [l for l in lines if "paper-labels2k-sgd" in l]
-    assert len(nobn) == 10 * 4 and all("--no-batch-norm" in l for l in nobn)
+    assert len(nobn) == 11 * 4 and all("--no-batch-norm" in l for l in nobn)
     assert sum('"variance"' in l for l in nobn) == 4 and not any("kmeans-paper" in l for l in lines)
-    assert len(few) == 10 * 4 and all("--labels 2000" in l and "--epochs 20.0" in l for l in few)
+    assert len(few) == 11 * 4 and all("--labels 2000" in l and "--epochs 20.0" in l for l in few)
     vgg = [l for l in lines if "vgg11-nobn-sgd" in l]
-    assert len(vgg) == 10 * 4 and all("--no-batch-norm" in l and "--model vgg11" in l and "--width 0.5" in l for l in vgg)
+    assert len(vgg) == 11 * 4 and all("--no-batch-norm" in l and "--model vgg11" in l and "--width 0.5" in l for l in vgg)
 
 
 def _fake_run(folder, lr, rows, init_seconds=1.0, diverged=False):

@@ -46,6 +46,9 @@ FAIR_INITS = {
     # Joined in the seventh session, for the settings where no k-means init was ahead (VGG-11,
     # ResNet-20): k-means directions in the first two layers only, LSUV in every other layer.
     "kmeans-lsuv": dict(init="kmeans-lsuv"),
+    # Joined in the ninth session: kmeans-variance with a weaker whitening, the ZCA screen's best
+    # uniform choice (docs/results/epsscreen: at least as good as the default 0.01 on all four nets).
+    "kmeans-variance-eps0.1": dict(init="kmeans-variance", init_options=dict(zca_eps=0.1)),
 }
 #: PaperNet only: the paper's recipe, with 2,000 of its 10,000 gradient steps (the recipe is at 99.5%
 #: of its 10,000-step objective after 1,000: benchmarks/RESULTS.md, "Joint solver sweep").
