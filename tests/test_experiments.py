@@ -253,6 +253,10 @@ def test_fair_dry_run_prints_the_sweep(capsys, tmp_path):
     assert out.count("--model resnet20") == 11 * 4 and "--val 5000" in out and "chosen after the sweep" in out
     assert out.count("--init kmeans-lsuv ") == 4  # the seventh session's candidate, at every rate
     assert out.count("zca_eps=0.1") == 4  # the ninth session's
+    assert "zca_eps=1.0" not in out  # the tenth session's, on VGG-11 and MobileNetV2 only
+    assert main(["reproduce", "fair", "--arch", "mobilenetv2", "--out", str(tmp_path / "m"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--model mobilenetv2") == 12 * 4 and out.count("zca_eps=1.0") == 4
     # The no-BN and few-label settings: every cell carries its setting; both have k-means at a
     # data-dependent (unit output variance) norm, no-BN in the form its cells ran with (the kmeans
     # preset with scale="variance"); the 20-minute kmeans-paper init is left out of both.
