@@ -272,6 +272,27 @@ def test_fair_dry_run_prints_the_sweep(capsys, tmp_path):
     assert len(vgg) == 11 * 4 and all("--no-batch-norm" in l and "--model vgg11" in l and "--width 0.5" in l for l in vgg)
 
 
+def test_fair_only_runs_the_named_inits_and_names_an_unknown_one(capsys, tmp_path):
+    from kmeansinit.cli import main
+
+    out = str(tmp_path / "f")
+    assert main(["reproduce", "fair", "--arch", "vgg11", "--only", "kmeans-variance-eps1", "--only", "he",
+                 "--out", out, "--dry-run"]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("python")]
+    assert len(lines) == 2 * 4  # two inits at the four rates of the sweep
+    assert sum("zca_eps=1.0" in l for l in lines) == 4 and sum("--init he " in l for l in lines) == 4
+    # kmeans-variance-eps1 is an init of VGG-11 and MobileNetV2 only: an arch with none of the named
+    # inits is passed over; a name none of the archs has is an error naming it, before any cell runs.
+    assert main(["reproduce", "fair", "--arch", "resnet20", "--arch", "vgg11", "--only", "kmeans-variance-eps1",
+                 "--out", out, "--dry-run"]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("python")]
+    assert len(lines) == 4 and all("--model vgg11" in l for l in lines)
+    for name in ("kmeans-typo", "kmeans-variance-eps1"):  # the second: not an init of ResNet-20
+        assert main(["reproduce", "fair", "--arch", "resnet20", "--only", name, "--out", out, "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert name in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "f").exists()
+
+
 def _fake_run(folder, lr, rows, init_seconds=1.0, diverged=False):
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(dict(lr=lr, test_every=10, optimizer="sgd", init="he")))

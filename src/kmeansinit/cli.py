@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--optimizer", action="append", default=None, choices=["sgd", "adam"],
                    help="fair: optimizers (repeatable; default sgd, and adam on paper)")
     r.add_argument("--val", type=int, default=5000, help="fair: validation images held out of the training set")
+    r.add_argument("--only", action="append", default=None, metavar="INIT",
+                   help="fair: run only these inits (repeatable); the others' cells are neither run nor read")
     r.add_argument("--precision", choices=["fp32", "bf16"], default="bf16", help="fair: training precision (bf16 by default: faster on CPUs with bf16 units; accuracy parity in docs/results/bf16)")
     pk = sub.add_parser("pack", help="write a compact JPEG copy of a dataset (.npz) that --data accepts")
     pk.add_argument("--dataset", choices=["cifar10", "cifar100", "folder"], default="cifar10")
@@ -211,7 +213,8 @@ def main(argv=None) -> int:
             out = args.out or "runs/fair"
             failed = run_fair(out, args.arch or list(FAIR_ARCHS), args.optimizer or ("sgd", "adam"),
                               seeds=args.seeds or 3, jobs=args.jobs, dry_run=args.dry_run,
-                              data=args.data, val=args.val, precision=args.precision, stack=args.stack)
+                              data=args.data, val=args.val, precision=args.precision, stack=args.stack,
+                              only=args.only)
         elif args.command == "reproduce":
             from .experiments import build_grid, run_grid
             from .report import write_report

@@ -169,7 +169,7 @@ def best_lrs(out, arch: str, optimizer: str, *, extend: int = 2, step: float = 4
                          f"({off[0]:g} is off it)")
     found: dict[str, dict[float, float | None]] = {}
     # The swept rates with those added by earlier extensions.
-    for c in sweep_cells(out, arch, optimizer, _extra_lrs(out, arch, optimizer), **kw):
+    for c in sweep_cells(out, arch, optimizer, _extra_lrs(out, arch, optimizer, kw.get("inits")), **kw):
         found.setdefault(c.name.split("/")[0], {})[c.config.lr] = _final_acc(c)
     best, more = {}, {}
     for name, accs in found.items():
@@ -203,20 +203,20 @@ def _on_grid(lr: float, first: float, step: float) -> bool:
 
 
 def final_cells(out, arch: str, optimizer: str, best: dict, *, seeds: int = 3, data: str = "../shared/data",
-                val: int = 5000, precision: str = "bf16") -> list[Cell]:
+                val: int = 5000, precision: str = "bf16", inits=None) -> list[Cell]:
     a = FAIR_ARCHS[arch]
     root = Path(out) / f"{arch}-{optimizer}"
     base = _base(a, optimizer, data, val, precision, a.final_epochs)
-    inits = _inits(arch)
+    inits = inits or _inits(arch)
     return [_cell(root / "final", f"{name}/s{s}", base, lr=lr, seed=s, **inits[name], init_cache=str(Path(out) / "init-cache" / arch))
             for s in range(seeds) for name, lr in best.items()]
 
 
-def _extra_lrs(out, arch, optimizer) -> dict:
+def _extra_lrs(out, arch, optimizer, inits=None) -> dict:
     root = Path(out) / f"{arch}-{optimizer}" / "sweep"
     base = set(FAIR_ARCHS[arch].lrs[optimizer])
     extra = {}
-    for name in _inits(arch):
+    for name in inits or _inits(arch):
         lrs = sorted({float(d.name[2:]) for d in (root / name).glob("lr*") if d.is_dir()} | base)
         extra[name] = lrs
     return extra
@@ -224,20 +224,30 @@ def _extra_lrs(out, arch, optimizer) -> dict:
 
 def run_fair(out, archs, optimizers=("sgd",), *, seeds: int = 3, jobs: int = 2, dry_run: bool = False,
              data: str = "../shared/data", val: int = 5000, precision: str = "bf16", stack: int = 1,
-             log=print) -> list[Cell]:
+             only=None, log=print) -> list[Cell]:
     """Sweep, extend where a best rate is at an end, then the final runs; returns failed cells.
     ``stack``: cells that share a rate (and so an optimizer step) train up to that many at a time as one
-    stacked model (:mod:`kmeansinit.train_stacked`)."""
+    stacked model (:mod:`kmeansinit.train_stacked`). ``only``: init names; every other init's cells are
+    neither run nor read (a later candidate's cells, say, in a folder of their own)."""
     failed = []
     for arch in archs:
         if arch not in FAIR_ARCHS:
             raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(FAIR_ARCHS)}")
+    if only:
+        every = {name for arch in archs for name in _inits(arch)}
+        unknown = sorted(set(only) - every)
+        if unknown:
+            raise ValueError(f"--only {unknown[0]!r} is not an init of {', '.join(archs)}; choose from {', '.join(sorted(every))}")
+    for arch in archs:
         for opt in optimizers:
             if opt not in FAIR_ARCHS[arch].lrs:
                 continue
-            kw = dict(data=data, val=val, precision=precision)
+            inits = {k: v for k, v in _inits(arch).items() if not only or k in only}
+            if not inits:
+                continue
+            kw = dict(data=data, val=val, precision=precision, inits=inits)
             while True:
-                cells = sweep_cells(out, arch, opt, _extra_lrs(out, arch, opt), **kw)
+                cells = sweep_cells(out, arch, opt, _extra_lrs(out, arch, opt, inits), **kw)
                 if dry_run:
                     log(f"# {arch} {opt}: learning-rate sweep on the validation split")
                     failed += run_grid(cells, jobs=jobs, dry_run=True, log=log, stack=stack)
