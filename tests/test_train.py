@@ -316,3 +316,27 @@ def test_he_variance_norm_run_has_the_kmeans_variance_runs_norms(fake_cifar10, t
         torch.testing.assert_close(b[k].flatten(1).norm(dim=1), a[k].flatten(1).norm(dim=1))
         assert not torch.allclose(b[k], a[k])  # other directions
     assert json.loads((tmp_path / "ctrl" / "init_report.json").read_text())["method"] == "he-variance-norm"
+
+
+def test_cpu_bf16_flags_are_read_from_cpuinfo(tmp_path):
+    from kmeansinit.train import cpu_has_native_bf16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu sse avx2 fma\n")
+    assert cpu_has_native_bf16(str(info)) is False
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 avx2\n")
+    assert cpu_has_native_bf16(str(info)) is True
+    info.write_text("flags\t\t: fpu amx_tile amx_bf16\n")
+    assert cpu_has_native_bf16(str(info)) is True
+    assert cpu_has_native_bf16(str(tmp_path / "missing")) is None
+
+
+def test_bf16_on_a_cpu_without_bf16_units_warns_once(fake_cifar10, tmp_path, capsys, monkeypatch):
+    import kmeansinit.train as t
+
+    monkeypatch.setattr(t, "cpu_has_native_bf16", lambda: False)
+    train(tiny(fake_cifar10, tmp_path / "a", precision="bf16", iterations=2), progress=False)
+    assert capsys.readouterr().out.count("--precision bf16 on a CPU without bf16 units") == 1
+    monkeypatch.setattr(t, "cpu_has_native_bf16", lambda: True)
+    train(tiny(fake_cifar10, tmp_path / "b", precision="bf16", iterations=2), progress=False)
+    assert "without bf16 units" not in capsys.readouterr().out

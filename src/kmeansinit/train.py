@@ -282,6 +282,21 @@ def _full(logits: torch.Tensor) -> torch.Tensor:
     return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
 
 
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """Whether this CPU has bf16 arithmetic units (the ``avx512_bf16`` or ``amx_bf16`` flag); None where
+    ``cpuinfo`` cannot be read (not Linux). Without them bf16 autocast is emulated: on an AVX2-only AMD
+    EPYC a bf16 training step took 6.5-14x its fp32 one (benchmarks/RESULTS.md, "Zoo training-step time")."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def _autocast(cfg: TrainConfig, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
@@ -433,6 +448,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
     if main:
         out.mkdir(parents=True, exist_ok=True)
     log = _Progress(total, 0, progress and main, quiet=not main)
+    if cfg.precision == "bf16" and device.type == "cpu" and cpu_has_native_bf16() is False:
+        log.line("kmeansinit: warning: --precision bf16 on a CPU without bf16 units (no avx512_bf16 or "
+                 "amx_bf16 flag): it is emulated, many times slower than fp32 here; --precision fp32 is faster")
     start_step = 0
     wall0 = 0.0
     pending: list[float] = []
