@@ -337,6 +337,12 @@ def test_bf16_on_a_cpu_without_bf16_units_warns_once(fake_cifar10, tmp_path, cap
     monkeypatch.setattr(t, "cpu_has_native_bf16", lambda: False)
     train(tiny(fake_cifar10, tmp_path / "a", precision="bf16", iterations=2), progress=False)
     assert capsys.readouterr().out.count("--precision bf16 on a CPU without bf16 units") == 1
+    # Stacked training starts runs too: one warning for the stack.
+    from kmeansinit.train_stacked import train_stacked
+
+    train_stacked([tiny(fake_cifar10, tmp_path / f"s{i}", precision="bf16", iterations=2, seed=i) for i in range(2)],
+                  progress=False)
+    assert capsys.readouterr().out.count("--precision bf16 on a CPU without bf16 units") == 1
     monkeypatch.setattr(t, "cpu_has_native_bf16", lambda: True)
     train(tiny(fake_cifar10, tmp_path / "b", precision="bf16", iterations=2), progress=False)
     assert "without bf16 units" not in capsys.readouterr().out

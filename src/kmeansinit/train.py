@@ -297,6 +297,14 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def warn_if_emulated_bf16(cfg: TrainConfig, device, line) -> None:
+    """Say (through ``line``) when bf16 is asked for on a CPU that would emulate it; shared by
+    :func:`train` and stacked training, the two places a run starts."""
+    if cfg.precision == "bf16" and device.type == "cpu" and cpu_has_native_bf16() is False:
+        line("kmeansinit: warning: --precision bf16 on a CPU without bf16 units (no avx512_bf16 or "
+             "amx_bf16 flag): it is emulated, many times slower than fp32 here; --precision fp32 is faster")
+
+
 def _autocast(cfg: TrainConfig, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
@@ -448,9 +456,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
     if main:
         out.mkdir(parents=True, exist_ok=True)
     log = _Progress(total, 0, progress and main, quiet=not main)
-    if cfg.precision == "bf16" and device.type == "cpu" and cpu_has_native_bf16() is False:
-        log.line("kmeansinit: warning: --precision bf16 on a CPU without bf16 units (no avx512_bf16 or "
-                 "amx_bf16 flag): it is emulated, many times slower than fp32 here; --precision fp32 is faster")
+    warn_if_emulated_bf16(cfg, device, log.line)
     start_step = 0
     wall0 = 0.0
     pending: list[float] = []

@@ -38,7 +38,7 @@ from .distributed import setup, world
 from .stacked import stack_models, stack_tensors, unstack_state, unstack_tensors
 from .train import (CKPT, Interrupted, RunError, TrainConfig, _atomic_save, _autocast, _cached_init, _fault, _full,
                     _load_checkpoint, _Progress, _read_rows, _save_checkpoint, _write_text, build_model, load_run_config,
-                    lr_at, make_optimizer, prepare_data)
+                    lr_at, make_optimizer, prepare_data, warn_if_emulated_bf16)
 
 __all__ = ["train_stacked", "STACK_FIELDS", "stack_key"]
 
@@ -191,6 +191,7 @@ def train_stacked(cfgs: list[TrainConfig], *, resume: list[bool] | bool = False,
         torch.set_num_threads(cfg0.threads)
     ds, pool, norm, total = prepare_data(cfg0, dataset)  # the cells share every field that decides these
     log = _Progress(total, 0, progress)
+    warn_if_emulated_bf16(cfg0, device, log.line)  # precision is shared by every cell of a stack
     names = ", ".join(Path(c.out).name for c in cfgs)
 
     cells: list[_Cell] = []
