@@ -253,7 +253,7 @@ def test_fair_dry_run_prints_the_sweep(capsys, tmp_path):
     assert out.count("--model resnet20") == 12 * 4 and "--val 5000" in out and "chosen after the sweep" in out
     assert out.count("--init kmeans-lsuv ") == 4  # the seventh session's candidate, at every rate
     assert out.count("zca_eps=0.1") == 4  # the ninth session's
-    assert out.count("zca_eps=1.0") == 4  # the tenth session's, on the zoo nets only
+    assert out.count("zca_eps=1.0") == 4  # the tenth session's, on the nets with BN only
     assert main(["reproduce", "fair", "--arch", "mobilenetv2", "--out", str(tmp_path / "m"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert out.count("--model mobilenetv2") == 12 * 4 and out.count("zca_eps=1.0") == 4
@@ -281,14 +281,14 @@ def test_fair_only_runs_the_named_inits_and_names_an_unknown_one(capsys, tmp_pat
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("python")]
     assert len(lines) == 2 * 4  # two inits at the four rates of the sweep
     assert sum("zca_eps=1.0" in l for l in lines) == 4 and sum("--init he " in l for l in lines) == 4
-    # kmeans-variance-eps1 is an init of the zoo nets only: an arch with none of the named inits is
+    # kmeans-variance-eps1 is an init of the nets with BN only: an arch with none of the named inits is
     # passed over; a name none of the archs has is an error naming it, before any cell runs.
-    assert main(["reproduce", "fair", "--arch", "paper", "--arch", "vgg11", "--only", "kmeans-variance-eps1",
+    assert main(["reproduce", "fair", "--arch", "paper-nobn", "--arch", "vgg11", "--only", "kmeans-variance-eps1",
                  "--optimizer", "sgd", "--out", out, "--dry-run"]) == 0
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("python")]
     assert len(lines) == 4 and all("--model vgg11" in l for l in lines)
-    for name in ("kmeans-typo", "kmeans-variance-eps1"):  # the second: not an init of PaperNet
-        assert main(["reproduce", "fair", "--arch", "paper", "--only", name, "--out", out, "--dry-run"]) == 2
+    for name in ("kmeans-typo", "kmeans-variance-eps1"):  # the second: not an init of PaperNet without BN
+        assert main(["reproduce", "fair", "--arch", "paper-nobn", "--only", name, "--out", out, "--dry-run"]) == 2
         err = capsys.readouterr().err
         assert name in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "f").exists()
 

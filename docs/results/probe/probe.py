@@ -15,6 +15,10 @@ weight chosen on the validation split (the fair grid's 5,000 held-out images), f
 
     python docs/results/probe/probe.py [--filters 1600] [--inits he,kmeans,kmeans-layerwise] [--seeds 0]
 
+An init may carry options after ``@``, as ``kmeansinit train --init-option`` takes them:
+``--inits 'kmeans@zca_eps=1.0'`` (several: ``kmeans@zca_eps=0.1@steps=20``). Inits are separated by
+commas, so an option value cannot hold one.
+
 Appends one JSON line per (init, seed, labels) to docs/results/probe/results.jsonl (a row already
 there is not run again) and prints a table. ``whitening`` (airbench's init) has at most one filter
 pair per patch dimension (108 for 6x6x3), so it runs only where ``--filters`` is at most 216.
@@ -95,6 +99,21 @@ def probe(train_f, train_y, val_f, val_y, test_f, test_y, classes: int = 10, ite
     return (*best, per)
 
 
+def parse_init(spec: str) -> tuple[str, dict]:
+    """``"kmeans@zca_eps=1.0"`` -> ``("kmeans", {"zca_eps": 1.0})``; a value is JSON where it parses."""
+    name, *opts = spec.split("@")
+    out = {}
+    for o in opts:
+        key, eq, value = o.partition("=")
+        if not eq or not key:
+            raise ValueError(f"init option {o!r} in {spec!r} is not KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return name, out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default="../shared/data")
@@ -117,7 +136,13 @@ def main(argv=None):
             r = json.loads(line)
             done.add((r["init"], r["seed"], r["labels"], r["filters"]))
     labels = [x if x == "all" else int(x) for x in a.labels.split(",")]
-    for init in a.inits.split(","):
+    specs = a.inits.split(",")
+    try:
+        parsed = {spec: parse_init(spec) for spec in specs}
+    except ValueError as e:
+        sys.exit(f"probe.py: --inits: {e}")
+    for init in specs:
+        name, extra = parsed[init]
         for seed in (int(s) for s in a.seeds.split(",")):
             todo = [n for n in labels if (init, seed, n, a.filters) not in done]
             if not todo:
@@ -128,8 +153,8 @@ def main(argv=None):
             idx = torch.randperm(len(ds.train_y), generator=g)[:a.init_images]
             images = norm(ds.train_x[idx])
             t0 = time.perf_counter()
-            opts = dict(seed=seed) if init.startswith("kmeans") else dict(generator=torch.Generator().manual_seed(seed))
-            initialize_(model, init, None if init in ("he", "xavier") else images, **opts)
+            opts = dict(seed=seed) if name.startswith("kmeans") else dict(generator=torch.Generator().manual_seed(seed))
+            initialize_(model, name, None if name in ("he", "xavier") else images, **opts, **extra)
             init_s = time.perf_counter() - t0
             fit_bn(model, ds.train_x[:10_000], norm)  # per-filter statistics over 10,000 unlabelled training images
             t0 = time.perf_counter()
