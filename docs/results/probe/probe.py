@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kmeansinit import initialize_
+from kmeansinit.cli import _option
 from kmeansinit.data import Normalizer, load_cifar
 from kmeansinit.train import labelled_subset, split_validation
 
@@ -104,13 +105,10 @@ def parse_init(spec: str) -> tuple[str, dict]:
     name, *opts = spec.split("@")
     out = {}
     for o in opts:
-        key, eq, value = o.partition("=")
-        if not eq or not key:
+        if not o.partition("=")[0] or "=" not in o:
             raise ValueError(f"init option {o!r} in {spec!r} is not KEY=VALUE")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+        key, value = _option(o)  # the parser of `kmeansinit train --init-option`
+        out[key] = value
     return name, out
 
 
