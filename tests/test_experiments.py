@@ -498,3 +498,36 @@ def test_report_shows_validation_accuracy_when_runs_hold_out_a_split(tmp_path):
     (tmp_path / "report.md").unlink()
     text = write_report(tmp_path).read_text()
     assert "val acc" not in text and "| a | 2 | 44.0 ± 2.8 |" in text
+
+
+def test_bf16_grid_cells_are_named_apart_from_fp32_ones(tmp_path, capsys):
+    """The paper schedule's precision check keeps he-sgd (fp32) and he-sgd-bf16 in one grid folder:
+    each precision's grid must find its own run there, and take neither for the other."""
+    import dataclasses
+
+    fp32 = {c.name: c for c in build_grid("table2", out=tmp_path, schedule="paper")}
+    bf16 = {c.name: c for c in build_grid("table2", out=tmp_path, schedule="paper", precision="bf16")}
+    assert len(bf16) == len(fp32) and set(bf16) == {n.replace("/s", "-bf16/s") for n in fp32}
+    he, he16 = fp32["he-sgd/s0"], bf16["he-sgd-bf16/s0"]
+    assert he.config.precision == "fp32" and he16.config.precision == "bf16"
+    assert he16.out == tmp_path / "he-sgd-bf16" / "s0" and he16.config.tag == "he-sgd-bf16"
+    assert he16.config.init_cache == he.config.init_cache  # both precisions start from the same init
+    for c in (he, he16):
+        c.out.mkdir(parents=True)
+        (c.out / "config.json").write_text(json.dumps(dataclasses.asdict(c.config)))
+    assert he.stale() is None and he16.stale() is None
+    # a bf16 run in the fp32 cell's folder is another cell's run
+    (he.out / "config.json").write_text(json.dumps(dataclasses.asdict(he16.config)))
+    assert "precision='bf16'" in he.stale()
+    # the other grids take the suffix too; the CLI's default stays fp32 for them
+    assert [c.name for c in build_grid("table3", out="g", data="/nonexistent", precision="bf16")][0] == "cifar10-vanilla-bf16/s0"
+    assert {c.config.precision for c in build_grid("ablation", out="g", precision="bf16")} == {"bf16"}
+    with pytest.raises(ValueError, match="precision"):
+        build_grid("table2", out="g", precision="fp16")
+    assert main(["reproduce", "table2", "--schedule", "paper", "--out", str(tmp_path / "d"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "he-sgd/s0" in out and "--precision" not in out and "-bf16/" not in out
+    assert main(["reproduce", "table2", "--schedule", "paper", "--out", str(tmp_path / "d"), "--dry-run",
+                 "--precision", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "he-sgd-bf16/s0" in out and "--precision bf16" in out

@@ -156,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--val", type=int, default=5000, help="fair: validation images held out of the training set")
     r.add_argument("--only", action="append", default=None, metavar="INIT",
                    help="fair: run only these inits (repeatable); the others' cells are neither run nor read")
-    r.add_argument("--precision", choices=["fp32", "bf16"], default="bf16", help="fair: training precision (bf16 by default: faster on CPUs with bf16 units; accuracy parity in docs/results/bf16)")
+    r.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="training precision. fair: bf16 by default (faster on CPUs with bf16 units; accuracy parity "
+                        "in docs/results/bf16); the other grids: fp32 by default, and bf16 cells are named <row>-bf16")
     pk = sub.add_parser("pack", help="write a compact JPEG copy of a dataset (.npz) that --data accepts")
     pk.add_argument("--dataset", choices=["cifar10", "cifar100", "folder"], default="cifar10")
     pk.add_argument("--data", default="../shared/data", help="the dataset to pack (as train's --data)")
@@ -213,7 +215,7 @@ def main(argv=None) -> int:
             out = args.out or "runs/fair"
             failed = run_fair(out, args.arch or list(FAIR_ARCHS), args.optimizer or ("sgd", "adam"),
                               seeds=args.seeds or 3, jobs=args.jobs, dry_run=args.dry_run,
-                              data=args.data, val=args.val, precision=args.precision, stack=args.stack,
+                              data=args.data, val=args.val, precision=args.precision or "bf16", stack=args.stack,
                               only=args.only)
         elif args.command == "reproduce":
             from .experiments import build_grid, run_grid
@@ -223,7 +225,8 @@ def main(argv=None) -> int:
             if args.schedule is None:
                 args.schedule = "short"
             cells = build_grid(args.grid, out=out, schedule=args.schedule, seeds=args.seeds or 1, data=args.data,
-                               init=args.init, extra=None if args.iterations is None else dict(iterations=args.iterations))
+                               init=args.init, extra=None if args.iterations is None else dict(iterations=args.iterations),
+                               precision=args.precision)
             failed = run_grid(cells, jobs=args.jobs, dry_run=args.dry_run, stack=args.stack)
             if not args.dry_run:
                 print(f"report: {write_report(out, title=f'{args.grid} ({args.schedule} schedule)')}")

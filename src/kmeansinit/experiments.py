@@ -162,8 +162,15 @@ def _cell(grid_out: Path, name: str, base: dict, **kw) -> Cell:
 
 
 def build_grid(grid: str, *, out: str | os.PathLike, schedule: str = "short", seeds: int = 1, data: str = "../shared/data",
-               init: str | None = None, extra: dict | None = None) -> list[Cell]:
-    """The cells of ``grid`` (table2, table3, ablation, study) for ``seeds`` seeds."""
+               init: str | None = None, extra: dict | None = None, precision: str | None = None) -> list[Cell]:
+    """The cells of ``grid`` (table2, table3, ablation, study) for ``seeds`` seeds.
+
+    ``precision`` (``"fp32"``, the default, or ``"bf16"``): the cells' training precision. A bf16 cell's
+    name (and folder) ends in ``-bf16`` (``he-sgd-bf16/s0``), so one grid folder can hold both
+    precisions of a cell side by side (the paper schedule's precision check) and neither is taken
+    for the other."""
+    if precision not in (None, "fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     if grid not in GRIDS:
         raise ValueError(f"unknown grid {grid!r}; choose from {', '.join(GRIDS)}")
     if schedule not in SCHEDULES:
@@ -171,14 +178,28 @@ def build_grid(grid: str, *, out: str | os.PathLike, schedule: str = "short", se
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     base = {"data": data, **SCHEDULES[schedule], **(extra or {})}
+    if precision == "bf16":
+        base["precision"] = "bf16"
     if grid == "ablation":
-        return _ablation(Path(out), base, seeds, init, steps=ABLATION_INIT_STEPS[schedule])
-    cells = GRIDS[grid](Path(out), base, seeds, init)
-    if schedule == "tiny":  # a smoke run of the whole grid: the k-means inits' solvers take 2 steps too
-        for c in cells:
-            if c.config.init.startswith("kmeans") and not c.config.init_options:
-                c.config.init_options = dict(steps=2) if c.config.init == "kmeans-paper" else dict(steps=2, refine_steps=1)
+        cells = _ablation(Path(out), base, seeds, init, steps=ABLATION_INIT_STEPS[schedule])
+    else:
+        cells = GRIDS[grid](Path(out), base, seeds, init)
+        if schedule == "tiny":  # a smoke run of the whole grid: the k-means inits' solvers take 2 steps too
+            for c in cells:
+                if c.config.init.startswith("kmeans") and not c.config.init_options:
+                    c.config.init_options = dict(steps=2) if c.config.init == "kmeans-paper" else dict(steps=2, refine_steps=1)
+    if precision == "bf16":
+        cells = [_bf16_name(c, Path(out)) for c in cells]
     return cells
+
+
+def _bf16_name(cell: Cell, out: Path) -> Cell:
+    """``cell`` renamed ``<row>-bf16/<seed>``, its folder and tag with it."""
+    row, sep, seed = cell.name.rpartition("/")
+    name = f"{row}-bf16{sep}{seed}" if sep else f"{cell.name}-bf16"
+    cell.config.out = str(out / name)
+    cell.config.tag = name.rsplit("/", 1)[0] if sep else name
+    return Cell(name, cell.config)
 
 
 def _table2(out: Path, base: dict, seeds: int, init: str | None) -> list[Cell]:
