@@ -87,9 +87,9 @@ def timed_many(fns: list, repeats: int, device: torch.device, warmup: int = 2) -
     return [sorted(t[warmup:])[len(t[warmup:]) // 2] for t in times]
 
 
-def profile_lines(fn, title: str, device: torch.device, repeats: int = 3, rows: int = 8) -> list[str]:
-    """Markdown table of the ``rows`` operators with the most self time over ``repeats`` calls of ``fn``:
-    where the time goes, for a target that is missed."""
+def op_ms(fn, device: torch.device, repeats: int = 3) -> dict[str, float]:
+    """Self time of each operator in milliseconds per call of ``fn``, over ``repeats`` profiled calls
+    after one warm-up call; the dict is ordered by time, longest first."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()  # warm-up outside the profile
@@ -101,13 +101,42 @@ def profile_lines(fn, title: str, device: torch.device, repeats: int = 3, rows: 
             torch.cuda.synchronize(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
-    total = sum(getattr(e, key) for e in events) or 1.0
+    return {e.key.replace("|", "/"): getattr(e, key) / 1e3 / repeats for e in events}
+
+
+def _op_name(name: str) -> str:
+    return name if len(name) <= 90 else name[:87] + "..."  # CUDA kernel names run to thousands of characters
+
+
+def profile_lines(fn, title: str, device: torch.device, repeats: int = 3, rows: int = 8) -> list[str]:
+    """Markdown table of the ``rows`` operators with the most self time over ``repeats`` calls of ``fn``:
+    where the time goes, for a target that is missed."""
+    ms = op_ms(fn, device, repeats)
+    total = sum(ms.values()) or 1.0
     out = [f"Profile: {title} ({repeats} calls; self time per call)", "", "| operator | ms per call | share |", "|---|---|---|"]
-    for e in events[:rows]:
-        t = getattr(e, key)
-        name = e.key.replace("|", "/")
-        name = name if len(name) <= 90 else name[:87] + "..."  # CUDA kernel names run to thousands of characters
-        out.append(f"| {name} | {t / 1e3 / repeats:.1f} | {100 * t / total:.0f}% |")
+    for name, t in list(ms.items())[:rows]:
+        out.append(f"| {_op_name(name)} | {t:.1f} | {100 * t / total:.0f}% |")
+    return out + [""]
+
+
+def compare_profiles(fns: dict, title: str, device: torch.device, repeats: int = 3, rows: int = 10) -> list[str]:
+    """Markdown table of the operators' self time under each of two ``fns`` ({label: fn}) side by side,
+    with the ratio first/second: which operators keep a faster variant from its expected gain. Rows:
+    the ``rows`` operators with most time under the second, then the sum of the rest."""
+    (la, fa), (lb, fb) = fns.items()
+    a, b = op_ms(fa, device, repeats), op_ms(fb, device, repeats)
+    names = list(b)[:rows]
+    out = [f"Profile: {title} ({repeats} calls each; self time per call)", "",
+           f"| operator | {la} ms | {lb} ms | {la} / {lb} | share of {lb} |", "|---|---|---|---|---|"]
+    tb = sum(b.values()) or 1.0
+    for name in names:
+        x, y = a.get(name, 0.0), b[name]
+        out.append(f"| {_op_name(name)} | {x:.1f} | {y:.1f} | {x / y if y else float('inf'):.2f}x | {100 * y / tb:.0f}% |")
+    rest_a = sum(v for k, v in a.items() if k not in names)
+    rest_b = sum(v for k, v in b.items() if k not in names)
+    out.append(f"| (all other operators) | {rest_a:.1f} | {rest_b:.1f} | {rest_a / rest_b if rest_b else float('inf'):.2f}x | {100 * rest_b / tb:.0f}% |")
+    ta = sum(a.values())
+    out.append(f"| **total** | {ta:.1f} | {tb:.1f} | {ta / tb:.2f}x | 100% |")
     return out + [""]
 
 
