@@ -75,7 +75,8 @@ def test_grid_runs_skips_resumes_and_reports(fake_cifar10, tmp_path):
         runs = [r for r in collect(out) if r.group == name]
         assert s["acc"] == pytest.approx(runs[0].evals[-1]["test_acc"])
         assert f"| {name} | 1 | {100 * s['acc']:.1f} | {s['loss']:.3f} |" in text
-    for png in ("curves.png", "filters.png"):
+    for png in ("curves.png", "losses.png", "filters.png"):
+        assert f"]({png})" in text
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
@@ -531,3 +532,24 @@ def test_bf16_grid_cells_are_named_apart_from_fp32_ones(tmp_path, capsys):
                  "--precision", "bf16"]) == 0
     out = capsys.readouterr().out
     assert "he-sgd-bf16/s0" in out and "--precision bf16" in out
+
+
+def test_report_draws_training_and_test_loss_only_for_runs_that_have_a_test_loss(tmp_path):
+    from kmeansinit.report import _init_of, plot_losses
+
+    def run(folder, opt, test_loss=True):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps(dict(init="he", optimizer=opt, resolved_iterations=20,
+                                                            batch_size=8, log_every=10)))
+        rows = [dict(step=10, train_loss=1.5, wall=1.0), dict(step=20, train_loss=0.5, wall=2.0),
+                dict(step=20, epoch=1.0, wall=2.0, test_acc=0.4, **(dict(test_loss=1.9) if test_loss else {}))]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    run(tmp_path / "he-sgd" / "s0", "sgd")
+    run(tmp_path / "he-adam-bf16" / "s0", "adam")
+    text = write_report(tmp_path).read_text()
+    assert (tmp_path / "losses.png").read_bytes()[:4] == b"\x89PNG" and "](losses.png)" in text
+    assert _init_of("he-adam-bf16") == _init_of("he-sgd") == "he"  # one colour for an init in both precisions
+    for f in tmp_path.rglob("metrics.jsonl"):
+        f.write_text(f.read_text().replace('"test_loss"', '"other"'))
+    assert plot_losses(collect(tmp_path), tmp_path / "none.png") is False and not (tmp_path / "none.png").exists()

@@ -1,6 +1,6 @@
 """Reports from run folders only (config.json, metrics.jsonl, init_report.json, init.pt, final.pt).
 
-``write_report(dir)`` writes ``report.md``, ``curves.png`` and ``filters.png`` into ``dir``. It never
+``write_report(dir)`` writes ``report.md``, ``curves.png``, ``losses.png`` and ``filters.png`` into ``dir``. It never
 imports the trainer: a folder copied from a cluster is enough.
 """
 from __future__ import annotations
@@ -242,6 +242,8 @@ def report_markdown(root: Path, runs: list[Run], summary: dict[str, dict], title
         lines.append(f"| {g} | " + " | ".join(cells) + " |")
     lines += [""] + versus_he(runs)
     lines += ["![curves](curves.png)", ""]
+    if (root / "losses.png").exists():
+        lines += ["![training and test loss](losses.png)", ""]
     if (root / "filters.png").exists():
         lines += ["![first-layer filters](filters.png)", ""]
     return "\n".join(lines) + "\n"
@@ -346,8 +348,45 @@ def plot_curves(runs: list[Run], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_losses(runs: list[Run], path: Path) -> bool:
+    """Training loss (solid) and test loss (dashed, at each evaluation) against iteration, mean over seeds,
+    one panel per optimizer: where the two part, the net overfits (the paper's claim for k-means + Adam).
+    The training loss is the running mean over each logging interval's augmented batches. False (no
+    file) when no run has a test loss."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        if any("test_loss" in e for e in r.evals):
+            groups.setdefault(r.group, []).append(r)
+    if not groups:
+        return False
+    plt = _pyplot()
+    opts = sorted({rs[0].config.get("optimizer", "sgd") for rs in groups.values()}, key=lambda o: (o != "sgd", o))
+    inits = sorted({_init_of(g) for g in groups})
+    cmap = plt.get_cmap("tab10")
+    colour = {k: cmap(i % 10) for i, k in enumerate(inits)}
+    fig, axes = plt.subplots(1, len(opts), figsize=(6.5 * len(opts), 4.8), squeeze=False)
+    for ax, opt in zip(axes[0], opts):
+        for g, rs in sorted(groups.items()):
+            if rs[0].config.get("optimizer", "sgd") != opt:
+                continue
+            c = colour[_init_of(g)]
+            steps, loss = _mean_curve(rs, "train_loss", all_rows=True)
+            if steps:
+                ax.plot(steps, loss, color=c, linewidth=1.4, label=f"{g} train")
+            steps, loss = _mean_curve(rs, "test_loss")
+            if steps:
+                ax.plot(steps, loss, color=c, linewidth=1.4, linestyle="--", marker=".", markersize=3, label=f"{g} test")
+        ax.set(xlabel="iteration", ylabel="cross-entropy", title=f"{opt.upper()}: training (solid) and test (dashed) loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def _init_of(group: str) -> str:
-    g = group.split("/")[0]
+    g = group.split("/")[0].removesuffix("-bf16")  # a bf16 cell keeps its init's colour
     for opt in ("-sgd", "-adam"):
         if g.endswith(opt):
             return g[: -len(opt)]
@@ -428,6 +467,8 @@ def write_report(root: str | Path, title: str | None = None) -> Path:
         raise FileNotFoundError(f"{root}: no run folders (config.json) found")
     summary = summarize(runs)
     plot_curves([r for r in runs if r.evals], root / "curves.png")
+    if not plot_losses(runs, root / "losses.png"):
+        (root / "losses.png").unlink(missing_ok=True)  # an older report's picture of other runs
     plot_filters(runs, root / "filters.png")
     (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     path = root / "report.md"
