@@ -1,11 +1,14 @@
 """Table 2 at the paper's schedule, as far as its cells have run: one row per cell folder.
 
-    python docs/results/paper_schedule/progress.py [--runs docs/results/paper_schedule/runs]
+    python docs/results/paper_schedule/progress.py [--runs docs/results/paper_schedule/runs] [--at STEP ...]
 
 For each cell (``<init>-<optimizer>[-bf16]/s<seed>``): its precision, the iterations it has reached,
-its latest test accuracy and loss, its best test accuracy so far (and where), the lowest test loss
+its latest test accuracy and loss, its latest training loss (the running mean of the last
+logging interval's augmented batches), its best test accuracy so far (and where), the lowest test loss
 (and where), and the paper's final number for that init and optimizer (Table 2; our own rows have
-none). A cell that has not finished is marked so: its latest row is not a final accuracy.
+none). A cell that has not finished is marked so: its latest row is not a final accuracy. ``--at``
+adds each cell's test accuracy at those iterations (cells that reached them), to compare cells that
+have run for different lengths at the same point.
 """
 from __future__ import annotations
 
@@ -21,14 +24,14 @@ PAPER = {("normal", "sgd"): 69.7, ("xavier", "sgd"): 75.1, ("he", "sgd"): 74.0, 
          ("normal", "adam"): 80.1, ("xavier", "adam"): 80.6, ("he", "adam"): 81.1, ("kmeans-paper", "adam"): 80.3}
 
 
-def rows(folder: Path) -> list[dict]:
+def rows(folder: Path, evals_only: bool = True) -> list[dict]:
     out = []
     for line in (folder / "metrics.jsonl").read_text().splitlines():
         try:
             row = json.loads(line)
         except ValueError:
             continue  # a line cut by a kill
-        if isinstance(row, dict) and "test_acc" in row:
+        if isinstance(row, dict) and ("test_acc" in row or not evals_only):
             out.append(row)
     return out
 
@@ -36,12 +39,13 @@ def rows(folder: Path) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--runs", type=Path, default=HERE / "runs")
+    p.add_argument("--at", type=int, nargs="*", default=[], metavar="STEP", help="also the test accuracy at these iterations")
     a = p.parse_args(argv)
     if not a.runs.is_dir():
         sys.exit(f"{a.runs}: no such folder")
     print("| cell | precision | iterations | latest test acc % | best test acc % (at) | lowest test loss (at) "
-          "| latest test loss | paper's final % |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| latest test loss | latest train loss | paper's final % |" + "".join(f" acc % at {n:,} |" for n in a.at))
+    print("|---|---|---|---|---|---|---|---|---|" + "---|" * len(a.at))
     for cfg_path in sorted(a.runs.glob("*/s*/config.json")):
         folder = cfg_path.parent
         try:
@@ -50,7 +54,7 @@ def main(argv=None) -> int:
         except (OSError, ValueError) as e:
             sys.exit(f"{folder}: unreadable run folder ({e})")
         if not evals:
-            print(f"| {folder.parent.name}/{folder.name} | {cfg.get('precision', 'fp32')} | 0 | – | – | – | – | – |")
+            print(f"| {folder.parent.name}/{folder.name} | {cfg.get('precision', 'fp32')} | 0 | – | – | – | – | – | – |" + " – |" * len(a.at))
             continue
         last = evals[-1]
         best = max(evals, key=lambda r: r["test_acc"])
@@ -58,11 +62,14 @@ def main(argv=None) -> int:
         total = cfg.get("resolved_iterations") or cfg.get("iterations")
         done = last["step"] == total and (folder / "final.pt").exists() or not (folder / "checkpoint.pt").exists()
         reached = f"{last['step']:,}" + ("" if done else f" of {total:,} (unfinished)")
+        at = {r["step"]: r["test_acc"] for r in evals}
+        train_loss = next((r["train_loss"] for r in reversed(rows(folder, evals_only=False)) if "train_loss" in r), float("nan"))
         paper = PAPER.get((cfg["init"], cfg.get("optimizer", "sgd")))
         print(f"| {folder.parent.name}/{folder.name} | {cfg.get('precision', 'fp32')} | {reached} "
               f"| {100 * last['test_acc']:.2f} | {100 * best['test_acc']:.2f} ({best['step']:,}) "
-              f"| {low['test_loss']:.3f} ({low['step']:,}) | {last['test_loss']:.3f} "
-              f"| {'' if paper is None else f'{paper:.1f}'} |")
+              f"| {low['test_loss']:.3f} ({low['step']:,}) | {last['test_loss']:.3f} | {train_loss:.3f} "
+              f"| {'' if paper is None else f'{paper:.1f}'} |"
+              + "".join(f" {100 * at[n]:.2f} |" if n in at else " – |" for n in a.at))
     return 0
 
 
