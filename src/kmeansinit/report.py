@@ -324,9 +324,7 @@ def plot_curves(runs: list[Run], path: Path) -> None:
     groups: dict[str, list[Run]] = {}
     for r in runs:
         groups.setdefault(r.group, []).append(r)
-    inits = sorted({_init_of(g) for g in groups})
-    cmap = plt.get_cmap("tab10")
-    colour = {k: cmap(i % 10) for i, k in enumerate(inits)}
+    colour = _init_colours(plt, groups)
     style = {"sgd": "-", "adam": "--"}
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.8))
     for g, rs in sorted(groups.items()):
@@ -361,9 +359,7 @@ def plot_losses(runs: list[Run], path: Path) -> bool:
         return False
     plt = _pyplot()
     opts = sorted({rs[0].config.get("optimizer", "sgd") for rs in groups.values()}, key=lambda o: (o != "sgd", o))
-    inits = sorted({_init_of(g) for g in groups})
-    cmap = plt.get_cmap("tab10")
-    colour = {k: cmap(i % 10) for i, k in enumerate(inits)}
+    colour = _init_colours(plt, groups)
     fig, axes = plt.subplots(1, len(opts), figsize=(6.5 * len(opts), 4.8), squeeze=False)
     for ax, opt in zip(axes[0], opts):
         for g, rs in sorted(groups.items()):
@@ -383,6 +379,12 @@ def plot_losses(runs: list[Run], path: Path) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def _init_colours(plt, groups) -> dict:
+    """One colour per init (both optimizers and precisions of an init share it), in sorted order."""
+    cmap = plt.get_cmap("tab10")
+    return {k: cmap(i % 10) for i, k in enumerate(sorted({_init_of(g) for g in groups}))}
 
 
 def _init_of(group: str) -> str:

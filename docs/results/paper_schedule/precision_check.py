@@ -10,26 +10,22 @@ shared the cores with other work, or was resumed on another host, shows that wor
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from kmeansinit.report import collect
 
 HERE = Path(__file__).resolve().parent
 
 
 def evals(folder: Path) -> dict[int, dict]:
-    path = folder / "metrics.jsonl"
-    if not path.exists():
-        sys.exit(f"{path}: no such file (is {folder} a run folder?)")
-    rows = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut by a kill
-        if isinstance(row, dict) and "test_acc" in row:
-            rows[int(row["step"])] = row
-    return rows
+    """The run in ``folder``'s evaluation rows by step (read as the report reads them)."""
+    if not (folder / "config.json").exists():
+        sys.exit(f"{folder / 'config.json'}: no such file (is {folder} a run folder?)")
+    runs = collect(folder)
+    if len(runs) != 1:
+        sys.exit(f"{folder}: expected one run folder, found {len(runs)} (a corrupt config.json is skipped)")
+    return {r["step"]: r for r in runs[0].evals}
 
 
 def main(argv=None) -> int:

@@ -13,27 +13,16 @@ have run for different lengths at the same point.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from kmeansinit.report import collect
 
 HERE = Path(__file__).resolve().parent
 
 #: Table 2 of the paper: final test accuracy (%) after 75,000 iterations.
 PAPER = {("normal", "sgd"): 69.7, ("xavier", "sgd"): 75.1, ("he", "sgd"): 74.0, ("kmeans-paper", "sgd"): 76.7,
          ("normal", "adam"): 80.1, ("xavier", "adam"): 80.6, ("he", "adam"): 81.1, ("kmeans-paper", "adam"): 80.3}
-
-
-def rows(folder: Path, evals_only: bool = True) -> list[dict]:
-    out = []
-    for line in (folder / "metrics.jsonl").read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut by a kill
-        if isinstance(row, dict) and ("test_acc" in row or not evals_only):
-            out.append(row)
-    return out
 
 
 def main(argv=None) -> int:
@@ -46,26 +35,20 @@ def main(argv=None) -> int:
     print("| cell | precision | iterations | latest test acc % | best test acc % (at) | lowest test loss (at) "
           "| latest test loss | latest train loss | paper's final % |" + "".join(f" acc % at {n:,} |" for n in a.at))
     print("|---|---|---|---|---|---|---|---|---|" + "---|" * len(a.at))
-    for cfg_path in sorted(a.runs.glob("*/s*/config.json")):
-        folder = cfg_path.parent
-        try:
-            cfg = json.loads(cfg_path.read_text())
-            evals = rows(folder)
-        except (OSError, ValueError) as e:
-            sys.exit(f"{folder}: unreadable run folder ({e})")
+    for run in collect(a.runs):  # the report's reader: metrics.jsonl rows, a line cut by a kill skipped
+        cell, cfg, evals = f"{run.group}/s{run.seed}", run.config, run.evals
         if not evals:
-            print(f"| {folder.parent.name}/{folder.name} | {cfg.get('precision', 'fp32')} | 0 | – | – | – | – | – | – |" + " – |" * len(a.at))
+            print(f"| {cell} | {cfg.get('precision', 'fp32')} | 0 | – | – | – | – | – | – |" + " – |" * len(a.at))
             continue
         last = evals[-1]
         best = max(evals, key=lambda r: r["test_acc"])
         low = min(evals, key=lambda r: r["test_loss"])
         total = cfg.get("resolved_iterations") or cfg.get("iterations")
-        done = last["step"] == total and (folder / "final.pt").exists() or not (folder / "checkpoint.pt").exists()
-        reached = f"{last['step']:,}" + ("" if done else f" of {total:,} (unfinished)")
+        reached = f"{last['step']:,}" + ("" if run.finished else f" of {total:,} (unfinished)")
         at = {r["step"]: r["test_acc"] for r in evals}
-        train_loss = next((r["train_loss"] for r in reversed(rows(folder, evals_only=False)) if "train_loss" in r), float("nan"))
+        train_loss = next((r["train_loss"] for r in reversed(run.rows) if "train_loss" in r), float("nan"))
         paper = PAPER.get((cfg["init"], cfg.get("optimizer", "sgd")))
-        print(f"| {folder.parent.name}/{folder.name} | {cfg.get('precision', 'fp32')} | {reached} "
+        print(f"| {cell} | {cfg.get('precision', 'fp32')} | {reached} "
               f"| {100 * last['test_acc']:.2f} | {100 * best['test_acc']:.2f} ({best['step']:,}) "
               f"| {low['test_loss']:.3f} ({low['step']:,}) | {last['test_loss']:.3f} | {train_loss:.3f} "
               f"| {'' if paper is None else f'{paper:.1f}'} |"
