@@ -11,10 +11,17 @@ goes (cProfile, the k-means init's own phases: ZCA statistics, Lloyd passes, rep
         [--variant fast:kmeans-he-norm:stat_patches=16384,steps=5] [--variant few:kmeans-he-norm:images=64]
 
 A variant's ``images=N`` is not an init option: that row's init sees the first N of the images.
+Nor is ``gram="full"``: that row's ZCA statistics take the whole Gram product ``p^T p`` of every
+block of patch rows, as before the upper-triangle blocks of ``whiten.add_upper_gram_`` (the baseline
+of that change, timed in the same process; the table's notes say whether its weights equal the
+row of the same init without it):
+
+    python benchmarks/init_cost.py --models paper,resnet20 --inits kmeans-variance --variant 'full Gram:kmeans-variance:gram="full"'
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import pstats
@@ -58,12 +65,33 @@ def step_seconds(model, dev, steps: int) -> float:
     return times[len(times) // 2]
 
 
-def init_seconds(name: str, init: str, images, dev, options=None, width: float = 1.0) -> tuple[float, object]:
+@contextlib.contextmanager
+def full_gram():
+    """The ZCA statistics with the whole product ``p^T p`` per block of rows (the path before
+    ``add_upper_gram_``): the baseline of that change."""
+    from kmeansinit.init import whiten
+
+    def add_full(out, p, block=None):
+        out += p.t() @ p
+        return out
+
+    saved = whiten.add_upper_gram_, whiten.symmetrize_upper_
+    whiten.add_upper_gram_, whiten.symmetrize_upper_ = add_full, lambda m: m
+    try:
+        yield
+    finally:
+        whiten.add_upper_gram_, whiten.symmetrize_upper_ = saved
+
+
+def init_seconds(name: str, init: str, images, dev, options=None, width: float = 1.0, gram: str | None = None):
+    """Seconds of one init on a fresh model, its report, and the model's conv and linear weights."""
     torch.manual_seed(0)
     m = create_model(name, width=width).to(dev).to(memory_format=torch.channels_last)
-    t = time.perf_counter()
-    rep = initialize_(m, init, images, progress=False, **(options or {}))
-    return time.perf_counter() - t, rep
+    with full_gram() if gram == "full" else contextlib.nullcontext():
+        t = time.perf_counter()
+        rep = initialize_(m, init, images, progress=False, **(options or {}))
+        s = time.perf_counter() - t
+    return s, rep, {k: v.detach().clone() for k, v in m.state_dict().items() if k.endswith("weight")}
 
 
 def parse_variant(text: str) -> tuple[str, str, dict]:
@@ -113,7 +141,7 @@ def main():
     lines = [f"One epoch = {EPOCH_STEPS} SGD steps at batch 128 (median step over {a.steps} timed steps x {EPOCH_STEPS}); "
              f"init on {a.images} {'CIFAR-10 training' if a.data else 'uniform-noise'} images, median of {a.repeats}.", "",
              "| model | init | init seconds | epoch seconds | init / epoch | layers skipped |", "|---|---|---|---|---|---|"]
-    profiles = []
+    profiles, notes, weights = [], [], {}
     for name in a.models.split(","):
         torch.manual_seed(0)
         model = create_model(name, width=a.width).to(dev).to(memory_format=torch.channels_last)
@@ -121,9 +149,12 @@ def main():
         for label, init, options in rows:
             options = dict(options)
             seen = images[:options.pop("images")] if "images" in options else images
+            gram = options.pop("gram", None)
+            if gram not in (None, "full"):
+                raise SystemExit(f"--variant {label}: gram must be \"full\", got {gram!r}")
             inits, steps = [], []
             for _ in range(a.repeats):  # alternate init and training steps: drift hits both
-                s, rep = init_seconds(name, init, seen, dev, options, a.width)
+                s, rep, w = init_seconds(name, init, seen, dev, options, a.width, gram)
                 inits.append(s)
                 steps.append(step_seconds(model, dev, a.steps))
             s_init, s_step = sorted(inits)[len(inits) // 2], sorted(steps)[len(steps) // 2]
@@ -134,9 +165,20 @@ def main():
             shown_name = name if a.width == 1.0 else f"{name} (width {a.width:g})"
             lines.append(f"| {shown_name} | {shown} | {s_init:.2f} | {epoch:.1f} | {s_init / epoch:.3f} | {skipped} |")
             print(lines[-1], flush=True)
+            key = (name, init, repr(sorted(options.items())), seen.shape[0])
+            if gram is None:
+                weights[key] = w
+            elif key in weights:
+                same = all(torch.equal(w[k], weights[key][k]) for k in w)
+                notes.append(f"- {name}, {label}: weights {'equal, bit for bit, to' if same else 'differ from'} "
+                             f"those of the {init} row above.")
+                print(notes[-1], flush=True)
             if a.profile and init.startswith("kmeans"):
-                profiles += profile_init(name, init, seen, dev, options=options, label=label, width=a.width)
-    append_results(f"Init cost against one training epoch ({dev.type}, {a.images} images)", dev, lines + [""] + profiles)
+                with full_gram() if gram == "full" else contextlib.nullcontext():
+                    profiles += profile_init(name, init, seen, dev, options=options, label=label, width=a.width)
+    notes = notes + [""] if notes else []
+    append_results(f"Init cost against one training epoch ({dev.type}, {a.images} images)", dev,
+                   lines + [""] + notes + profiles)
 
 
 if __name__ == "__main__":

@@ -381,6 +381,38 @@ def test_zca_statistics_from_a_patch_sample():
     assert_close(ZCASpace(layer, chunks, max_patches=10**6).W, full.W)
 
 
+def test_upper_gram_blocks_give_the_full_gram():
+    from kmeansinit.init.whiten import add_upper_gram_, symmetrize_upper_
+
+    g = torch.Generator().manual_seed(0)
+    for d, block in ((10, 3), (12, 4), (5, 256), (1, 1)):
+        p = torch.randn(40, d, generator=g, dtype=torch.float64)
+        out = torch.zeros(d, d, dtype=torch.float64)
+        add_upper_gram_(out, p[:25], block)  # two blocks of rows summed, as the statistics' pass does
+        add_upper_gram_(out, p[25:], block)
+        ref = p.t() @ p
+        assert_close(torch.triu(out), torch.triu(ref))
+        assert_close(symmetrize_upper_(out), ref)
+    # float32 rows added into a float64 matrix, as the covariance is accumulated.
+    p = torch.randn(300, 20, generator=g)
+    out = add_upper_gram_(torch.zeros(20, 20, dtype=torch.float64), p, 6)
+    assert out.dtype == torch.float64
+    assert_close(symmetrize_upper_(out), (p.t() @ p).double(), rtol=1e-5, atol=1e-4)
+
+
+def test_zca_statistics_do_not_depend_on_the_gram_block(monkeypatch):
+    from kmeansinit.init import whiten
+
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 4, 3, bias=False)
+    chunks = list((images(32, size=10) * torch.tensor([1.0, 0.5, 0.2]).view(1, 3, 1, 1)).split(8))
+    full = whiten.ZCASpace(layer, chunks)  # 27 dimensions: one block row, the whole product
+    monkeypatch.setattr(whiten, "GRAM_BLOCK", 5)  # six block rows, the last one 2 wide
+    blocked = whiten.ZCASpace(layer, chunks)
+    assert_close(blocked.W, full.W, rtol=1e-5, atol=1e-6)  # float32 products of other shapes round apart
+    assert_close(blocked.W, blocked.W.t())  # ZCA's W is symmetric: the mirrored covariance is
+
+
 def test_zca_scale_is_computed_once_per_cached_chunk(monkeypatch):
     from kmeansinit.init import whiten
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..objectives import _conv_geometry, filter_responses, masked_patch_sums, patch_sq_norms, patch_sums
 
-__all__ = ["RawSpace", "ZCASpace", "unfold_patches", "patch_count"]
+__all__ = ["RawSpace", "ZCASpace", "unfold_patches", "patch_count", "add_upper_gram_", "symmetrize_upper_"]
 
 
 class RawSpace:
@@ -97,6 +97,35 @@ def unfold_patches(x: Tensor, layer: nn.Module, rows: Tensor | None = None) -> T
     return v[img, :, pos // wo, pos % wo].reshape(rows.shape[0], -1)
 
 
+#: Columns per block row of :func:`add_upper_gram_`: narrow enough that the blocks below the diagonal
+#: it skips are most of the lower half (PaperNet's 1,936-dimensional second layer: 8 block rows),
+#: wide enough that each product still runs at full GEMM speed.
+GRAM_BLOCK = 256
+
+
+def add_upper_gram_(out: Tensor, p: Tensor, block: int | None = None) -> Tensor:
+    """``out += p^T p`` on and above the diagonal blocks only, in place; returns ``out``.
+
+    The Gram matrix of the patch rows is symmetric, so its lower part is a mirror: block row ``i``
+    (``block`` columns, default :data:`GRAM_BLOCK`, from its diagonal block to the last column) is
+    one product ``p[:, Bi]^T p[:, Bi:]``, and the full product's work (``N D^2`` multiply-adds, the
+    ZCA statistics' largest cost) falls to about ``N D^2 (1 + block / D) / 2``. Each entry is the same sum of the same products as in ``p^T p``.
+    Entries below the diagonal blocks are left as they are; :func:`symmetrize_upper_` fills them
+    from the upper triangle once the sums are complete. Each product is computed in ``p``'s dtype
+    and added into ``out``'s (float64 for the covariance): no float64 copy of ``p``.
+    """
+    d, block = p.shape[1], block or GRAM_BLOCK
+    for s in range(0, d, block):
+        out[s:s + block, s:] += p[:, s:s + block].t() @ p[:, s:]
+    return out
+
+
+def symmetrize_upper_(m: Tensor) -> Tensor:
+    """``m``'s upper triangle mirrored into its lower one, in place (one temporary of the strict upper part)."""
+    upper = torch.triu(m, diagonal=1)
+    return m.triu_().add_(upper.t())
+
+
 class ZCASpace:
     """k-means on contrast-normalized, ZCA-whitened patches; filters mapped back to raw patches."""
 
@@ -162,7 +191,7 @@ class ZCASpace:
                 # In the inputs' dtype (a float32 GEMM is twice a float64 one on CPU), summed in float64.
                 p = self._normalize(unfold_patches(x, layer, sub))
                 total += p.sum(0, dtype=torch.float64)
-                outer += p.t() @ p  # promoted into float64 in place: no float64 copy of the product
+                add_upper_gram_(outer, p)
                 count += p.shape[0]
                 if reuse:
                     kept.append(p[:reuse].clone())
@@ -176,7 +205,7 @@ class ZCASpace:
             all_reduce_(t)
         self.m = total / count
         # In place: a D x D float64 matrix is 30 MB for PaperNet's second layer, and each copy counts.
-        cov = outer.div_(count).addr_(self.m, self.m, alpha=-1)
+        cov = symmetrize_upper_(outer).div_(count).addr_(self.m, self.m, alpha=-1)
         if whitening == "cholesky":
             # eps_zca relative to the mean eigenvalue (the trace over D), as below.
             eps = eps_zca * float(cov.diagonal().sum().clamp_min(0)) / dim
