@@ -553,3 +553,31 @@ def test_report_draws_training_and_test_loss_only_for_runs_that_have_a_test_loss
     for f in tmp_path.rglob("metrics.jsonl"):
         f.write_text(f.read_text().replace('"test_loss"', '"other"'))
     assert plot_losses(collect(tmp_path), tmp_path / "none.png") is False and not (tmp_path / "none.png").exists()
+
+
+def test_grid_cells_selected_by_optimizer_and_row_in_the_order_given(tmp_path, capsys):
+    from kmeansinit.experiments import row_of, select_cells
+
+    cells = build_grid("table2", out=tmp_path, schedule="paper", seeds=2, precision="bf16")
+    assert {row_of(c) for c in cells} == {"normal", "xavier", "he", "kmeans-paper", "kmeans", "kmeans-variance"}
+    picked = select_cells(cells, optimizers=["sgd"], only=["he", "kmeans-variance", "xavier"])
+    assert [c.name for c in picked] == ["he-sgd-bf16/s0", "kmeans-variance-sgd-bf16/s0", "xavier-sgd-bf16/s0",
+                                        "he-sgd-bf16/s1", "kmeans-variance-sgd-bf16/s1", "xavier-sgd-bf16/s1"]
+    # Optimizers in the order given, before rows; without --only every row, in the grid's order.
+    both = select_cells(cells, optimizers=["adam", "sgd"], only=["he"])
+    assert [c.name for c in both] == ["he-adam-bf16/s0", "he-sgd-bf16/s0", "he-adam-bf16/s1", "he-sgd-bf16/s1"]
+    assert select_cells(cells) == sorted(cells, key=lambda c: c.config.seed)
+    assert [row_of(c) for c in select_cells(cells, optimizers=["sgd"])][:6] == list(dict.fromkeys(map(row_of, cells)))
+    with pytest.raises(ValueError, match="no row 'kmeans-fast'.*kmeans-variance"):
+        select_cells(cells, only=["kmeans-fast"], grid="table2")
+    t3 = build_grid("table3", out=tmp_path / "t3", data="/nonexistent")
+    assert [row_of(c) for c in select_cells(t3, only=["cifar10-gated"])] == ["cifar10-gated"]
+    with pytest.raises(ValueError, match="no optimizer 'sgd'; its optimizers: adam"):
+        select_cells(t3, optimizers=["sgd"], grid="table3")
+    # The CLI: one command runs the paper schedule's SGD cells in the order of priority.
+    assert main(["reproduce", "table2", "--schedule", "paper", "--precision", "bf16", "--out", str(tmp_path / "d"),
+                 "--optimizer", "sgd", "--only", "he", "--only", "xavier", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and "he-sgd-bf16/s0" in lines[0] and "xavier-sgd-bf16/s0" in lines[1]
+    assert main(["reproduce", "table2", "--only", "kmeans-fast", "--out", str(tmp_path / "d"), "--dry-run"]) == 2
+    assert "table2 has no row 'kmeans-fast'" in capsys.readouterr().err

@@ -152,10 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--arch", action="append", default=None,
                    help="fair: settings (repeatable; default all: paper, resnet20, vgg11, mobilenetv2, paper-nobn, vgg11-nobn, paper-labels2k)")
     r.add_argument("--optimizer", action="append", default=None, choices=["sgd", "adam"],
-                   help="fair: optimizers (repeatable; default sgd, and adam on paper)")
+                   help="run only the cells of these optimizers (repeatable), in the order given; "
+                        "fair: default sgd, and adam on paper")
     r.add_argument("--val", type=int, default=5000, help="fair: validation images held out of the training set")
-    r.add_argument("--only", action="append", default=None, metavar="INIT",
-                   help="fair: run only these inits (repeatable); the others' cells are neither run nor read")
+    r.add_argument("--only", action="append", default=None, metavar="ROW",
+                   help="run only these rows (repeatable), in the order given (table2: inits, he, kmeans-variance, ...; "
+                        "table3: cifar10-gated, ...; fair: inits); the others' cells are neither run nor read")
     r.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                    help="training precision. fair: bf16 by default (faster on CPUs with bf16 units; accuracy parity "
                         "in docs/results/bf16); the other grids: fp32 by default, and bf16 cells are named <row>-bf16")
@@ -218,7 +220,7 @@ def main(argv=None) -> int:
                               data=args.data, val=args.val, precision=args.precision or "bf16", stack=args.stack,
                               only=args.only)
         elif args.command == "reproduce":
-            from .experiments import build_grid, run_grid
+            from .experiments import build_grid, run_grid, select_cells
             from .report import write_report
 
             out = args.out or f"runs/{args.grid}"
@@ -227,6 +229,7 @@ def main(argv=None) -> int:
             cells = build_grid(args.grid, out=out, schedule=args.schedule, seeds=args.seeds or 1, data=args.data,
                                init=args.init, extra=None if args.iterations is None else dict(iterations=args.iterations),
                                precision=args.precision)
+            cells = select_cells(cells, optimizers=args.optimizer, only=args.only, grid=args.grid)
             failed = run_grid(cells, jobs=args.jobs, dry_run=args.dry_run, stack=args.stack)
             if not args.dry_run:
                 print(f"report: {write_report(out, title=f'{args.grid} ({args.schedule} schedule)')}")

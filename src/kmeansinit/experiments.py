@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .train import RECIPES, Interrupted, TrainConfig
 
-__all__ = ["Cell", "SCHEDULES", "GRIDS", "build_grid", "run_grid", "cell_command", "job_command", "plan_jobs", "finished",
+__all__ = ["Cell", "SCHEDULES", "GRIDS", "build_grid", "select_cells", "row_of", "run_grid", "cell_command", "job_command", "plan_jobs", "finished",
            "STUDY_VARIANTS"]
 
 #: Schedules: the paper's 75,000 iterations, and a short one: 1,200 iterations (about 3 epochs), about
@@ -191,6 +191,33 @@ def build_grid(grid: str, *, out: str | os.PathLike, schedule: str = "short", se
     if precision == "bf16":
         cells = [_bf16_name(c, Path(out)) for c in cells]
     return cells
+
+
+def row_of(cell: Cell) -> str:
+    """A cell's row: its name without the seed, the ``-bf16`` suffix or the optimizer
+    (``he-sgd-bf16/s0`` -> ``he``; ``cifar10-gated/s0`` -> ``cifar10-gated``)."""
+    row = cell.name.split("/")[0].removesuffix("-bf16")
+    return row.removesuffix(f"-{cell.config.optimizer}")
+
+
+def select_cells(cells: list[Cell], *, optimizers=None, only=None, grid: str = "the grid") -> list[Cell]:
+    """The cells training with one of ``optimizers`` and in one of the rows ``only`` (:func:`row_of`;
+    None: every one), in the order they are named: seed by seed, then optimizer by optimizer as given,
+    then row by row as given (``--optimizer sgd --only he --only xavier``: He/SGD, then Xavier/SGD,
+    for each seed in turn). ``ValueError`` names an optimizer or row no cell has."""
+    rows = list(dict.fromkeys(row_of(c) for c in cells))
+    opts = list(dict.fromkeys(c.config.optimizer for c in cells))
+    for given, have, what in ((optimizers, opts, "optimizer"), (only, rows, "row")):
+        for name in given or ():
+            if name not in have:
+                raise ValueError(f"{grid} has no {what} {name!r}; its {what}s: {', '.join(have)}")
+    picked = [c for c in cells if (not optimizers or c.config.optimizer in optimizers)
+              and (not only or row_of(c) in only)]
+    o_rank = {n: i for i, n in enumerate(optimizers or ())}
+    r_rank = {n: i for i, n in enumerate(only or ())}
+    # Stable: cells tied on every key the caller gave keep the grid's own order.
+    return sorted(picked, key=lambda c: (c.config.seed, o_rank.get(c.config.optimizer, 0),
+                                         r_rank.get(row_of(c), 0)))
 
 
 def _bf16_name(cell: Cell, out: Path) -> Cell:
