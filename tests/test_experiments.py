@@ -139,6 +139,27 @@ def test_report_counts_parameters_from_init_weights(tmp_path):
         torch.save(m.state_dict(), tmp_path / "init.pt")
         assert _params(tmp_path) == count_parameters(m)
     assert _params(tmp_path / "missing") is None
+    # A finished cell kept with final.pt only (the paper schedule's folders) still has its count.
+    (tmp_path / "init.pt").unlink()
+    m = PaperNet(gated=True)
+    torch.save(m.state_dict(), tmp_path / "final.pt")
+    assert _params(tmp_path) == count_parameters(m)
+
+
+def test_report_quotes_the_papers_number_for_either_precision(tmp_path):
+    for name, precision in (("he-sgd", "fp32"), ("he-adam-bf16", "bf16"), ("kmeans-variance-sgd-bf16", "bf16")):
+        d = tmp_path / name / "s0"
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps(dict(init=name.split("-")[0] if name.startswith("he") else "kmeans-variance",
+                                                       optimizer="adam" if "adam" in name else "sgd", seed=0,
+                                                       precision=precision, iterations=10)))
+        (d / "metrics.jsonl").write_text(json.dumps(dict(step=10, epoch=1.0, test_acc=0.5, test_loss=1.0, wall=1.0)) + "\n")
+    rows = {}
+    for line in write_report(tmp_path).read_text().splitlines():  # the first table's row of each cell
+        if line.startswith(("| he-", "| kmeans-")):
+            rows.setdefault(line.split(" | ")[0].lstrip("| "), line)
+    assert "| 74.0 |" in rows["he-sgd"] and "| 81.1 |" in rows["he-adam-bf16"]
+    assert "74.0" not in rows["kmeans-variance-sgd-bf16"] and "81.1" not in rows["kmeans-variance-sgd-bf16"]
 
 
 def test_cell_command_round_trips_zoo_configs(tmp_path):

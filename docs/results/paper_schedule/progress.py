@@ -16,13 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from kmeansinit.report import collect
+from kmeansinit.report import PAPER, collect  # PAPER: Table 2's final accuracies, by "<init>-<optimizer>"
 
 HERE = Path(__file__).resolve().parent
-
-#: Table 2 of the paper: final test accuracy (%) after 75,000 iterations.
-PAPER = {("normal", "sgd"): 69.7, ("xavier", "sgd"): 75.1, ("he", "sgd"): 74.0, ("kmeans-paper", "sgd"): 76.7,
-         ("normal", "adam"): 80.1, ("xavier", "adam"): 80.6, ("he", "adam"): 81.1, ("kmeans-paper", "adam"): 80.3}
 
 
 def main(argv=None) -> int:
@@ -47,11 +43,11 @@ def main(argv=None) -> int:
         reached = f"{last['step']:,}" + ("" if run.finished else f" of {total:,} (unfinished)")
         at = {r["step"]: r["test_acc"] for r in evals}
         train_loss = next((r["train_loss"] for r in reversed(run.rows) if "train_loss" in r), float("nan"))
-        paper = PAPER.get((cfg["init"], cfg.get("optimizer", "sgd")))
+        paper = PAPER.get(f"{cfg['init']}-{cfg.get('optimizer', 'sgd')}")
         print(f"| {cell} | {cfg.get('precision', 'fp32')} | {reached} "
               f"| {100 * last['test_acc']:.2f} | {100 * best['test_acc']:.2f} ({best['step']:,}) "
               f"| {low['test_loss']:.3f} ({low['step']:,}) | {last['test_loss']:.3f} | {train_loss:.3f} "
-              f"| {'' if paper is None else f'{paper:.1f}'} |"
+              f"| {'' if paper is None else f'{100 * paper:.1f}'} |"
               + "".join(f" {100 * at[n]:.2f} |" if n in at else " – |" for n in a.at))
     return 0
 
