@@ -1,6 +1,6 @@
 """Table 2 at the paper's schedule, as far as its cells have run: one row per cell folder.
 
-    python docs/results/paper_schedule/progress.py [--runs docs/results/paper_schedule/runs] [--at STEP ...]
+    python docs/results/paper_schedule/progress.py [--runs docs/results/paper_schedule/runs] [--at STEP ...] [--tail K]
 
 For each cell (``<init>-<optimizer>[-bf16]/s<seed>``): its precision, the iterations it has reached,
 its latest test accuracy and loss, its latest training loss (the running mean of the last
@@ -8,11 +8,15 @@ logging interval's augmented batches), its best test accuracy so far (and where)
 (and where), and the paper's final number for that init and optimizer (Table 2; our own rows have
 none). A cell that has not finished is marked so: its latest row is not a final accuracy. ``--at``
 adds each cell's test accuracy at those iterations (cells that reached them), to compare cells that
-have run for different lengths at the same point.
+have run for different lengths at the same point. ``--tail K`` adds the mean and standard deviation
+of each cell's last K evaluations: one evaluation of one run moves by a point or two from its
+neighbours, so the mean over the schedule's last stretch is the steadier final figure (a cell with
+fewer than K evaluations gets none).
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -25,16 +29,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--runs", type=Path, default=HERE / "runs")
     p.add_argument("--at", type=int, nargs="*", default=[], metavar="STEP", help="also the test accuracy at these iterations")
+    p.add_argument("--tail", type=int, default=0, metavar="K", help="also the mean and sd of the last K evaluations")
     a = p.parse_args(argv)
     if not a.runs.is_dir():
         sys.exit(f"{a.runs}: no such folder")
+    if a.tail < 0 or a.tail == 1:
+        sys.exit(f"--tail {a.tail}: needs at least 2 evaluations for a standard deviation (or 0 for none)")
+    tail_head = f" mean of last {a.tail} evals % (sd, from) |" if a.tail else ""
     print("| cell | precision | iterations | latest test acc % | best test acc % (at) | lowest test loss (at) "
-          "| latest test loss | latest train loss | paper's final % |" + "".join(f" acc % at {n:,} |" for n in a.at))
-    print("|---|---|---|---|---|---|---|---|---|" + "---|" * len(a.at))
+          "| latest test loss | latest train loss | paper's final % |" + "".join(f" acc % at {n:,} |" for n in a.at)
+          + tail_head)
+    print("|---|---|---|---|---|---|---|---|---|" + "---|" * (len(a.at) + bool(a.tail)))
     for run in collect(a.runs):  # the report's reader: metrics.jsonl rows, a line cut by a kill skipped
         cell, cfg, evals = f"{run.group}/s{run.seed}", run.config, run.evals
         if not evals:
-            print(f"| {cell} | {cfg.get('precision', 'fp32')} | 0 | – | – | – | – | – | – |" + " – |" * len(a.at))
+            print(f"| {cell} | {cfg.get('precision', 'fp32')} | 0 | – | – | – | – | – | – |" + " – |" * (len(a.at) + bool(a.tail)))
             continue
         last = evals[-1]
         best = max(evals, key=lambda r: r["test_acc"])
@@ -48,8 +57,18 @@ def main(argv=None) -> int:
               f"| {100 * last['test_acc']:.2f} | {100 * best['test_acc']:.2f} ({best['step']:,}) "
               f"| {low['test_loss']:.3f} ({low['step']:,}) | {last['test_loss']:.3f} | {train_loss:.3f} "
               f"| {'' if paper is None else f'{100 * paper:.1f}'} |"
-              + "".join(f" {100 * at[n]:.2f} |" if n in at else " – |" for n in a.at))
+              + "".join(f" {100 * at[n]:.2f} |" if n in at else " – |" for n in a.at) + _tail(evals, a.tail))
     return 0
+
+
+def _tail(evals: list[dict], k: int) -> str:
+    """The mean and sd of the last ``k`` test accuracies, with the iteration the stretch starts at."""
+    if not k:
+        return ""
+    if len(evals) < k:
+        return " – |"
+    accs = [100 * r["test_acc"] for r in evals[-k:]]
+    return f" {statistics.mean(accs):.2f} ({statistics.stdev(accs):.2f}, {evals[-k]['step']:,}) |"
 
 
 if __name__ == "__main__":
