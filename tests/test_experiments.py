@@ -423,6 +423,26 @@ def test_report_over_seeds_spread_thresholds_and_versus_he(tmp_path):
     assert "| kmeans-sgd | 4 | yes | +0.0 | 15 | 0.75 |" in text
 
 
+def test_report_shows_accuracy_at_an_epoch_only_where_an_evaluation_lies_near_it(tmp_path):
+    """Evaluations every 2.5 epochs (the paper schedule's 1,000 steps at 390 a epoch): no "@1 ep" figure,
+    which would otherwise be the step-1,000 accuracy under both "@1 ep" and "@3 ep"."""
+    def run(folder, every):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps(dict(init="he", optimizer="sgd", resolved_iterations=100,
+                                                            batch_size=8, lr=1e-3, weight_decay=1e-5)))
+        rows = [dict(step=s, epoch=s / 10, train_loss=1.0, wall=float(s), test_acc=s / 200, test_loss=1.0)
+                for s in range(every, 101, every)]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "final.pt").write_bytes(b"")
+
+    run(tmp_path / "sparse" / "he-sgd" / "s0", every=25)
+    text = write_report(tmp_path / "sparse").read_text()
+    assert "acc @1 ep" not in text and "| he-sgd | 1 | 50.0 | 1.000 |" in text
+    run(tmp_path / "dense" / "he-sgd" / "s0", every=10)  # an evaluation at every epoch: 10 steps a epoch
+    text = write_report(tmp_path / "dense").read_text()
+    assert "| he-sgd | 1 | 50.0 | 1.000 | 5.0 | 15.0 |" in text
+
+
 def test_finished_results_folder_without_weights_is_skipped(fake_cifar10, tmp_path):
     # docs/results/ keeps config.json and metrics.jsonl only: a grid pointed at such a copy must not
     # rerun the cell, and a copy cut short (no final evaluation) or one with a checkpoint must run.
