@@ -8,7 +8,7 @@ import torch
 
 from kmeansinit.cli import main
 from kmeansinit.experiments import build_grid, cell_command, finished, run_grid
-from kmeansinit.report import collect, summarize, write_report
+from kmeansinit.report import _alpha, collect, summarize, write_report
 
 TINY = dict(width=0.25, batch_size=8, init_images=16, init_options=dict(steps=1), threads=1)
 
@@ -441,6 +441,13 @@ def test_report_shows_accuracy_at_an_epoch_only_where_an_evaluation_lies_near_it
     run(tmp_path / "dense" / "he-sgd" / "s0", every=10)  # an evaluation at every epoch: 10 steps a epoch
     text = write_report(tmp_path / "dense").read_text()
     assert "| he-sgd | 1 | 50.0 | 1.000 | 5.0 | 15.0 |" in text
+
+
+def test_an_fp32_cell_beside_its_bf16_twin_is_drawn_faint():
+    # The two share their init's colour; the faint one is the fp32 cell, only when its twin is there.
+    groups = {"he-sgd": [], "he-sgd-bf16": [], "xavier-sgd": []}
+    assert _alpha("he-sgd", groups) < 1.0
+    assert _alpha("he-sgd-bf16", groups) == _alpha("xavier-sgd", groups) == 1.0
 
 
 def test_finished_results_folder_without_weights_is_skipped(fake_cifar10, tmp_path):

@@ -335,7 +335,7 @@ def plot_curves(runs: list[Run], path: Path) -> None:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.8))
     for g, rs in sorted(groups.items()):
         opt = rs[0].config.get("optimizer", "sgd")
-        kw = dict(color=colour[_init_of(g)], linestyle=style.get(opt, ":"), label=g, linewidth=1.6)
+        kw = dict(color=colour[_init_of(g)], linestyle=style.get(opt, ":"), label=g, linewidth=1.6, alpha=_alpha(g, groups))
         steps, loss = _mean_curve(rs, "train_loss", all_rows=True)
         if steps:
             a1.plot(steps, loss, **kw)
@@ -371,13 +371,13 @@ def plot_losses(runs: list[Run], path: Path) -> bool:
         for g, rs in sorted(groups.items()):
             if rs[0].config.get("optimizer", "sgd") != opt:
                 continue
-            c = colour[_init_of(g)]
+            c, a = colour[_init_of(g)], _alpha(g, groups)
             steps, loss = _mean_curve(rs, "train_loss", all_rows=True)
             if steps:
-                ax.plot(steps, loss, color=c, linewidth=1.4, label=f"{g} train")
+                ax.plot(steps, loss, color=c, alpha=a, linewidth=1.4, label=f"{g} train")
             steps, loss = _mean_curve(rs, "test_loss")
             if steps:
-                ax.plot(steps, loss, color=c, linewidth=1.4, linestyle="--", marker=".", markersize=3, label=f"{g} test")
+                ax.plot(steps, loss, color=c, alpha=a, linewidth=1.4, linestyle="--", marker=".", markersize=3, label=f"{g} test")
         ax.set(xlabel="iteration", ylabel="cross-entropy", title=f"{opt.upper()}: training (solid) and test (dashed) loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2, loc="upper right")
@@ -391,6 +391,11 @@ def _init_colours(plt, groups) -> dict:
     """One colour per init (both optimizers and precisions of an init share it), in sorted order."""
     cmap = plt.get_cmap("tab10")
     return {k: cmap(i % 10) for i, k in enumerate(sorted({_init_of(g) for g in groups}))}
+
+
+def _alpha(group: str, groups) -> float:
+    """Faint for an fp32 cell whose bf16 twin is in the same plot (they share a colour), full otherwise."""
+    return 0.4 if not group.split("/")[0].endswith("-bf16") and f"{group.split('/')[0]}-bf16" in groups else 1.0
 
 
 def _init_of(group: str) -> str:
