@@ -395,7 +395,8 @@ def _init_colours(plt, groups) -> dict:
 
 def _alpha(group: str, groups) -> float:
     """Faint for an fp32 cell whose bf16 twin is in the same plot (they share a colour), full otherwise."""
-    return 0.4 if not group.split("/")[0].endswith("-bf16") and f"{group.split('/')[0]}-bf16" in groups else 1.0
+    name = group.split("/")[0]
+    return 0.4 if not name.endswith("-bf16") and f"{name}-bf16" in groups else 1.0
 
 
 def _init_of(group: str) -> str:
