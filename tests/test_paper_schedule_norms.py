@@ -71,7 +71,8 @@ def test_a_data_free_init_is_rebuilt_exactly_as_train_made_it(fake_cifar10, tmp_
     train(cfg, progress=False)
     saved = torch.load(out / "init.pt", weights_only=True)
     (out / "init.pt").unlink()
-    state, source = _module().init_state(out, json.loads((out / "config.json").read_text()))
+    final = torch.load(out / "final.pt", weights_only=True)
+    state, source = _module().init_state(out, json.loads((out / "config.json").read_text()), final)
     assert source == "rebuilt"
     assert saved.keys() == state.keys()
     for k in saved:

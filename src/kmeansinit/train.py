@@ -702,11 +702,16 @@ def _init(model: nn.Module, cfg: TrainConfig, ds, norm: Normalizer, device, prog
     idx = torch.randperm(src.shape[0], generator=g)[:n]
     # Unlabelled images, normalized exactly as the training batches are.
     images = torch.cat([norm(part.to(device)) for part in src[idx].split(1024)]) if n else None
+    needs = cfg.init not in DATA_FREE
+    return initialize_(model, cfg.init, images if needs else None, **init_options(cfg, progress))
+
+
+def init_options(cfg: TrainConfig, progress: bool = False) -> dict:
+    """The keyword options a run passes to ``initialize_``: its ``init_options`` and its seed."""
     options = dict(cfg.init_options)
     if cfg.init in RUNS_KMEANS:  # the k-means init's seed: a control's copy gets its own cell's
         options.setdefault("seed", cfg.seed)
         options.setdefault("progress", progress)
     if cfg.init not in PRESETS:  # the presets seed their base init from `seed`
         options.setdefault("generator", torch.Generator().manual_seed(cfg.seed))
-    needs = cfg.init not in DATA_FREE
-    return initialize_(model, cfg.init, images if needs else None, **options)
+    return options

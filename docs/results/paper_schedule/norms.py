@@ -32,10 +32,14 @@ HERE = Path(__file__).resolve().parent
 DATA_FREE = {"normal", "xavier", "he"}
 
 
+def _weights(state: dict) -> list[torch.Tensor]:
+    """Every weight matrix or filter bank of a state dict, in the model's order (BN scales left out)."""
+    return [v for k, v in state.items() if k.endswith("weight") and v.dim() > 1]
+
+
 def bn_fed_norms(state: dict) -> list[float]:
     """Mean per-filter L2 norm of every weight matrix/filter bank but the last (the ones a BN follows)."""
-    weights = [v for k, v in state.items() if k.endswith("weight") and v.dim() > 1]
-    return [w.float().flatten(1).norm(dim=1).mean().item() for w in weights[:-1]]
+    return [w.float().flatten(1).norm(dim=1).mean().item() for w in _weights(state)[:-1]]
 
 
 def _geo(xs: list[float]) -> float:
@@ -44,14 +48,16 @@ def _geo(xs: list[float]) -> float:
 
 def _from_git(path: Path) -> dict | None:
     try:
-        rel = path.resolve().relative_to(_git_root())
+        root = Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                                   check=True, cwd=HERE).stdout.strip())
+        rel = path.resolve().relative_to(root)
         commit = subprocess.run(["git", "log", "-1", "--format=%H", "--", str(rel)], capture_output=True,
-                                text=True, check=True, cwd=_git_root()).stdout.strip()
+                                text=True, check=True, cwd=root).stdout.strip()
         if not commit:
             return None
         # The commit that removed it holds nothing: read the file from its parent.
         for rev in (f"{commit}:{rel}", f"{commit}~1:{rel}"):
-            blob = subprocess.run(["git", "show", rev], capture_output=True, cwd=_git_root())
+            blob = subprocess.run(["git", "show", rev], capture_output=True, cwd=root)
             if blob.returncode == 0:
                 return torch.load(io.BytesIO(blob.stdout), map_location="cpu", weights_only=True)
     except (subprocess.CalledProcessError, ValueError, FileNotFoundError):
@@ -59,29 +65,27 @@ def _from_git(path: Path) -> dict | None:
     return None
 
 
-def _git_root() -> Path:
-    return Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
-                               check=True, cwd=HERE).stdout.strip())
+def _rebuilt(cell: Path, latest: dict) -> dict:
+    """The init as ``kmeansinit train`` makes it for a data-free init: same model, seed and options."""
+    from kmeansinit import initialize_
+    from kmeansinit.train import build_model, init_options, load_run_config
 
-
-def _rebuilt(cfg: dict, num_classes: int) -> dict:
-    from kmeansinit import create_model, initialize_
-
-    torch.manual_seed(cfg["seed"])  # as train() does before building the model
-    model = create_model(cfg["model"], num_classes=num_classes, width=cfg["width"], gated=cfg["gated"],
-                         batch_norm=cfg["batch_norm"])
-    initialize_(model, cfg["init"], None, generator=torch.Generator().manual_seed(cfg["seed"]))
+    cfg = load_run_config(cell)
+    weights = _weights(latest)
+    torch.manual_seed(cfg.seed)  # as train() does before building the model
+    model = build_model(cfg, num_classes=weights[-1].shape[0], in_channels=weights[0].shape[1])
+    initialize_(model, cfg.init, None, **init_options(cfg))
     return model.state_dict()
 
 
-def init_state(cell: Path, cfg: dict, num_classes: int = 10) -> tuple[dict | None, str]:
+def init_state(cell: Path, cfg: dict, latest: dict) -> tuple[dict | None, str]:
     if (cell / "init.pt").exists():
         return torch.load(cell / "init.pt", map_location="cpu", weights_only=True), "init.pt"
     state = _from_git(cell / "init.pt")
     if state is not None:
         return state, "git"
     if cfg["init"] in DATA_FREE:
-        return _rebuilt(cfg, num_classes), "rebuilt"
+        return _rebuilt(cell, latest), "rebuilt"
     return None, "–"
 
 
@@ -107,17 +111,15 @@ def main(argv=None) -> int:
         latest, step = latest_state(cell)
         if latest is None:
             continue
-        last = [v for k, v in latest.items() if k.endswith("weight") and v.dim() > 1][-1]
-        init, source = init_state(cell, cfg, num_classes=last.shape[0])
-        rows.append((f"{cell.parent.name}/{cell.name}", cfg, step, init, source, latest))
+        init, source = init_state(cell, cfg, latest)
+        rows.append((f"{cell.parent.name}/{cell.name}", cfg, step, init, source, _geo(bn_fed_norms(latest))))
     # SGD only: Adam divides the gradient by its own running size, so its step turns a filter by about
     # lr / ||w||, not lr / ||w||^2, and the two optimizers' cells are not on one scale.
-    he = next((_geo(bn_fed_norms(r[5])) for r in rows if r[1]["init"] == "he" and r[1]["optimizer"] == "sgd"
-               and r[1].get("precision") == "bf16"), None)
+    he = next((now for _, cfg, _, _, _, now in rows if cfg["init"] == "he" and cfg["optimizer"] == "sgd"
+               and cfg.get("precision") == "bf16"), None)
     print("| cell | weights at | filter norm at init (source) | filter norm at latest | SGD effective step at latest, relative to He/SGD |")
     print("|---|---|---|---|---|")
-    for name, cfg, step, init, source, latest in rows:
-        now = _geo(bn_fed_norms(latest))
+    for name, cfg, step, init, source, now in rows:
         start = "–" if init is None else f"{_geo(bn_fed_norms(init)):.3g} ({source})"
         rel = "–" if he is None or cfg["optimizer"] != "sgd" else f"{(he / now) ** 2:.2f}"
         at = "final (75,000)" if step is None else f"{step:,}"
