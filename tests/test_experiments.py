@@ -315,6 +315,52 @@ def test_fair_only_runs_the_named_inits_and_names_an_unknown_one(capsys, tmp_pat
         assert name in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "f").exists()
 
 
+def test_fair_long_setting_borrows_the_paper_sweeps_rates(capsys, tmp_path):
+    """paper-long has no sweep: its final runs take each init's best rate from PaperNet's sweep,
+    train 15 epochs and share PaperNet's init cache; without that sweep it says which is missing."""
+    from kmeansinit.cli import main
+    from kmeansinit.fair import FAIR_ARCHS, _inits, sweep_cells
+
+    a = FAIR_ARCHS["paper-long"]
+    assert a.rates_from == "paper" and a.final_epochs == 5 * FAIR_ARCHS["paper"].final_epochs
+    assert list(_inits("paper-long")) == list(a.compare) == ["he", "lsuv", "kmeans-variance", "he-variance-norm"]
+    out = tmp_path / "f"
+    lrs = FAIR_ARCHS["paper"].lrs["sgd"]
+    peak = {"he": 2, "lsuv": 1, "kmeans-variance": 2}  # he-variance-norm's sweep is left unfinished
+    for c in sweep_cells(out, "paper", "sgd", inits={k: _inits("paper")[k] for k in peak}):
+        name = c.name.split("/")[0]
+        _finish(c, 0.5 - 0.1 * abs(lrs.index(c.config.lr) - peak[name]))
+    args = ["reproduce", "fair", "--arch", "paper-long", "--optimizer", "sgd", "--out", str(out)]
+    assert main(args + ["--dry-run"]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("python")]
+    assert len(lines) == 3 * 3 and all("--epochs 15.0" in l and "paper-long-sgd/final/" in l for l in lines)
+    assert all(f"--init-cache {out / 'init-cache' / 'paper'}" in l for l in lines)
+    assert sum(f"--lr {lrs[1]:g} " in l for l in lines) == 3 and sum(f"--lr {lrs[2]:g} " in l for l in lines) == 6
+    assert not any("he-variance-norm" in l for l in lines) and not (out / "paper-long-sgd").exists()
+    assert main(args) == 2  # a real run refuses: one init has no chosen rate yet
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "he-variance-norm" in err and "--arch paper" in err
+
+
+def test_fair_report_gives_a_borrowed_setting_its_sources_budget(tmp_path):
+    from kmeansinit.cli import main
+
+    root = tmp_path / "fair"
+    _fake_run(root / "paper-sgd" / "sweep" / "he" / "lr0.01", 0.01, [dict(step=20, epoch=2, val_acc=0.40, wall=5)])
+    for init, acc in (("he", 0.50), ("kmeans-variance", 0.60)):
+        for s in range(2):
+            rows = [dict(step=st, epoch=st / 10, val_acc=acc + st / 1000 + s / 100, test_acc=acc, wall=st)
+                    for st in (10, 30, 150)]
+            _fake_run(root / "paper-long-sgd" / "final" / init / f"s{s}", 0.016, rows)
+    assert main(["report", str(root)]) == 0
+    text = (root / "fair.md").read_text()
+    part = text[text.index("## paper-long-sgd"):]
+    assert "the rate the paper-sgd sweep chose" in part and "val @3 epochs |" in part
+    # step 10 (1 epoch): 61.0 and 62.0; step 30 (3 epochs): 63.0 and 64.0; the end: 75.0 and 76.0
+    assert "| kmeans-variance | 0.016 | 2 | 61.5 ± 0.7 | 60.0 ± 0.0 | 63.5 ± 0.7 | 75.5 ± 0.7 |" in part
+    assert "`kmeans-variance` vs the best baseline at 3 epochs (he): +10.0 points" in part
+
+
 def _fake_run(folder, lr, rows, init_seconds=1.0, diverged=False):
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(dict(lr=lr, test_every=10, optimizer="sgd", init="he")))

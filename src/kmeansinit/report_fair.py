@@ -119,7 +119,9 @@ def _sweep_table(runs) -> tuple[list[str], dict]:
     return lines, curves
 
 
-def _final_section(runs) -> list[str]:
+def _final_section(runs, also_at: tuple = ()) -> list[str]:
+    """``also_at``: epochs at which to give validation accuracy besides one epoch and the end (a
+    setting trained longer than the one whose rates it borrows: that setting's budget)."""
     groups: dict[str, list] = {}
     for r in runs:
         groups.setdefault(r.path.parent.name, []).append(r)
@@ -136,6 +138,8 @@ def _final_section(runs) -> list[str]:
         stats[g] = dict(
             lr=rs[0].config["lr"], n=len(rs),
             val1=_stats([_at(r.rows, "val_acc", per_epoch, per_epoch // 20) for r in rs]),
+            **{f"val@{e:g}": _stats([_at(r.rows, "val_acc", round(e * per_epoch), per_epoch // 20) for r in rs])
+               for e in also_at},
             test1=_stats([_at(r.rows, "test_acc", per_epoch, per_epoch // 20) for r in rs]),
             val=_stats([[x for x in r.rows if "val_acc" in x][-1]["val_acc"] for r in rs]),
             test=_stats([[x for x in r.rows if "test_acc" in x][-1]["test_acc"] for r in rs]),
@@ -145,8 +149,10 @@ def _final_section(runs) -> list[str]:
     target = min(s["val"]["mean"] for s in stats.values())
     lines = [f"Final runs (each init at its chosen rate; {per_epoch} iterations an epoch; target validation "
              f"accuracy {100 * target:.1f}%, the lowest final mean of any init):", "",
-             f"| init | lr | seeds | val @{early} | test @{early} | val @end | test @end (95% CI) | iterations to target | seconds to target (init incl.) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| init | lr | seeds | val @{early} | test @{early} | "
+             + "".join(f"val @{e:g} epochs | " for e in also_at)
+             + "val @end | test @end (95% CI) | iterations to target | seconds to target (init incl.) |",
+             "|---|---|---|---|---|---|---|---|---|" + "---|" * len(also_at)]
     for g, s in sorted(stats.items(), key=lambda kv: -kv[1]["val"]["mean"]):
         its, secs = [], []
         for r in s["runs"]:
@@ -157,10 +163,15 @@ def _final_section(runs) -> list[str]:
         s_txt = f"{statistics.fmean(secs):.0f}" if all(x is not None for x in secs) else "–"
         n = s["n"]
         lines.append(f"| {g} | {s['lr']:g} | {n} | {_fmt(s['val1'], of=n)} | {_fmt(s['test1'], of=n)} | "
-                     f"{_fmt(s['val'], of=n)} | {_fmt(s['test'], ci=True, of=n)} | {it_txt} | {s_txt} |")
+                     + "".join(f"{_fmt(s[f'val@{e:g}'], of=n)} | " for e in also_at)
+                     + f"{_fmt(s['val'], of=n)} | {_fmt(s['test'], ci=True, of=n)} | {it_txt} | {s_txt} |")
     base = [g for g in stats if g in BASELINES]
     for km in [g for g in sorted(stats, key=lambda g: (g != "kmeans", g)) if g.startswith("kmeans")] if base else []:
-        for when, key in ((f"at {early}", "val1"), ("at the end", "val"), ("at the end, test", "test")):
+        whens = [(f"at {early}", "val1"), *((f"at {e:g} epochs", f"val@{e:g}") for e in also_at),
+                 ("at the end", "val"), ("at the end, test", "test")]
+        for when, key in whens:
+            if stats[km][key] is None or any(stats[g][key] is None for g in base):
+                continue  # a run too short to have that evaluation
             best = max(base, key=lambda g: stats[g][key]["mean"])
             for other, what in ((best, "the best baseline"), ("he", "He")):
                 if other not in stats or (what == "He" and best == "he"):  # He is the best baseline: said once
@@ -191,18 +202,32 @@ def _compare(label: str, a: dict, b: dict) -> str:
 def write_fair_report(root: str | Path) -> Path:
     """Write ``fair.md`` and ``lr_sweep.png`` for a ``reproduce fair`` folder; return fair.md's path."""
     root = Path(root)
+    from .fair import FAIR_ARCHS
+
     parts = sorted(d for d in root.iterdir() if d.is_dir() and (d / "sweep").is_dir()) if root.is_dir() else []
     if not parts:
         raise FileNotFoundError(f"{root}: no <arch>-<optimizer>/sweep folders of `kmeansinit reproduce fair`")
+    # Settings without a sweep of their own (``rates_from``), after those with one.
+    parts += sorted(d for d in root.iterdir() if d.is_dir() and (d / "final").is_dir() and not (d / "sweep").is_dir())
     lines = [f"# Fair evidence: each init at its own best learning rate (`kmeansinit report {root}`)", ""]
     sweeps = {}
     for d in parts:
-        lines += [f"## {d.name}", "", "Learning-rate sweep: validation accuracy (%) at the end of one seed's run; "
-                  "**bold**: the best finished rate (the one the final runs use once the sweep is complete).", ""]
-        table, curves = _sweep_table(collect(d / "sweep"))
-        sweeps[d.name] = curves
-        lines += table + [""]
-        lines += (_final_section(collect(d / "final")) if (d / "final").is_dir() else ["Final runs: not started."]) + [""]
+        lines += [f"## {d.name}", ""]
+        also_at = ()
+        if (d / "sweep").is_dir():
+            lines += ["Learning-rate sweep: validation accuracy (%) at the end of one seed's run; "
+                      "**bold**: the best finished rate (the one the final runs use once the sweep is complete).", ""]
+            table, curves = _sweep_table(collect(d / "sweep"))
+            sweeps[d.name] = curves
+            lines += table + [""]
+        else:
+            arch = FAIR_ARCHS.get(d.name.rsplit("-", 1)[0])
+            src = arch.rates_from if arch else None
+            lines += [f"No sweep of its own: each init at the rate the {src}-{d.name.rsplit('-', 1)[1]} sweep chose "
+                      f"for it." if src else "No sweep folder: the final runs only.", ""]
+            if src:  # the borrowed setting's own budget, for the comparison with its final runs
+                also_at = (FAIR_ARCHS[src].final_epochs,)
+        lines += (_final_section(collect(d / "final"), also_at) if (d / "final").is_dir() else ["Final runs: not started."]) + [""]
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(sweeps), figsize=(5 * len(sweeps), 4), squeeze=False)
     # One colour per init in every panel (each panel has the inits its sweep has run so far).
