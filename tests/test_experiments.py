@@ -324,6 +324,10 @@ def test_fair_long_setting_borrows_the_paper_sweeps_rates(capsys, tmp_path):
     a = FAIR_ARCHS["paper-long"]
     assert a.rates_from == "paper" and a.final_epochs == 5 * FAIR_ARCHS["paper"].final_epochs
     assert list(_inits("paper-long")) == list(a.compare) == ["he", "lsuv", "kmeans-variance", "he-variance-norm"]
+    nobn = FAIR_ARCHS["paper-nobn-long"]  # the no-BN twin keeps its source's net: no BN layers
+    assert nobn.rates_from == "paper-nobn" and nobn.extra == FAIR_ARCHS["paper-nobn"].extra == dict(batch_norm=False)
+    # its kmeans-variance is the form paper-nobn's cells ran with (the kmeans preset, scale="variance")
+    assert _inits("paper-nobn-long")["kmeans-variance"] == _inits("paper-nobn")["kmeans-variance"]
     out = tmp_path / "f"
     lrs = FAIR_ARCHS["paper"].lrs["sgd"]
     peak = {"he": 2, "lsuv": 1, "kmeans-variance": 2}  # he-variance-norm's sweep is left unfinished
