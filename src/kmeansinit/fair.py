@@ -271,43 +271,47 @@ def run_fair(out, archs, optimizers=("sgd",), *, seeds: int = 3, jobs: int = 2, 
             if not inits:
                 continue
             kw = dict(data=data, val=val, precision=precision, inits=inits)
-            src = FAIR_ARCHS[arch].rates_from
-            if src:
-                best, more = best_lrs(out, src, opt, **kw)
+            a = FAIR_ARCHS[arch]
+            if a.rates_from:  # no sweep of its own: the final runs at another setting's chosen rates
+                best, _ = best_lrs(out, a.rates_from, opt, **kw)
                 missing = [k for k in inits if k not in best]
                 if missing and not dry_run:
-                    raise ValueError(f"{arch} {opt}: the {src}-{opt} sweep in {out} has no chosen rate for "
-                                     f"{', '.join(missing)}; run `kmeansinit reproduce fair --arch {src}` first")
+                    raise ValueError(f"{arch} {opt}: the {a.rates_from}-{opt} sweep in {out} has no chosen rate for "
+                                     f"{', '.join(missing)}; run `kmeansinit reproduce fair --arch {a.rates_from}` first")
                 best = {k: best[k] for k in inits if k in best}
-                if dry_run:
-                    log(f"# {arch} {opt}: each init at the best rate of the {src} sweep x {seeds} seeds, "
-                        f"{FAIR_ARCHS[arch].final_epochs:g} epochs (chosen so far: {best})")
-                cells = final_cells(out, arch, opt, best, seeds=seeds, **kw)
-                if cells:
-                    log(f"{arch} {opt}: final runs at the {src} sweep's best rates {json.dumps(best)}")
-                    failed += run_grid(cells, jobs=jobs, dry_run=dry_run, log=log, stack=stack)
-                continue
-            while True:
-                cells = sweep_cells(out, arch, opt, _extra_lrs(out, arch, opt, inits), **kw)
-                if dry_run:
-                    log(f"# {arch} {opt}: learning-rate sweep on the validation split")
-                    failed += run_grid(cells, jobs=jobs, dry_run=True, log=log, stack=stack)
-                    break
-                log(f"{arch} {opt}: sweep")
-                failed += run_grid(cells, jobs=jobs, log=log, stack=stack)
-                best, more = best_lrs(out, arch, opt, **kw)
-                if not more:
-                    break
-                for name, lr in more.items():
-                    log(f"{arch} {opt} {name}: best rate at an end of the range; adding lr {lr:g}")
-                    (Path(out) / f"{arch}-{opt}" / "sweep" / name / _lr_name(lr)).mkdir(parents=True, exist_ok=True)
-            best, more = best_lrs(out, arch, opt, **kw)
+                plan = (f"each init at the best rate of the {a.rates_from} sweep x {seeds} seeds, "
+                        f"{a.final_epochs:g} epochs (chosen so far: {best})")
+                chosen = f"the {a.rates_from} sweep's best rates"
+            else:
+                failed += _sweep(out, arch, opt, kw, jobs=jobs, dry_run=dry_run, log=log, stack=stack)
+                best, _ = best_lrs(out, arch, opt, **kw)
+                plan = (f"then each init's best rate x {seeds} seeds, {a.final_epochs:g} epochs"
+                        + (f" (chosen so far: {best})" if best else " (chosen after the sweep)"))
+                chosen = "the best rates"
             if dry_run:
-                log(f"# {arch} {opt}: then each init's best rate x {seeds} seeds, {FAIR_ARCHS[arch].final_epochs:g} "
-                    f"epochs" + (f" (chosen so far: {best})" if best else " (chosen after the sweep)"))
+                log(f"# {arch} {opt}: {plan}")
             cells = final_cells(out, arch, opt, best, seeds=seeds, **kw)
             if cells:
-                log(f"{arch} {opt}: final runs at the best rates {json.dumps(best)}")
+                log(f"{arch} {opt}: final runs at {chosen} {json.dumps(best)}")
                 failed += run_grid(cells, jobs=jobs, dry_run=dry_run, log=log, stack=stack)
     # A run stopped by a NaN loss is a result (the rate is too high), not a failure.
     return [c for c in failed if not (c.out / "diverged.json").exists()]
+
+
+def _sweep(out, arch: str, opt: str, kw: dict, *, jobs: int, dry_run: bool, log, stack: int) -> list[Cell]:
+    """Run the learning-rate sweep of one setting, adding a rate beyond each end where a best lies
+    there, until every init's best rate is inside its range; returns the failed cells."""
+    failed = []
+    while True:
+        cells = sweep_cells(out, arch, opt, _extra_lrs(out, arch, opt, kw["inits"]), **kw)
+        if dry_run:
+            log(f"# {arch} {opt}: learning-rate sweep on the validation split")
+            return failed + run_grid(cells, jobs=jobs, dry_run=True, log=log, stack=stack)
+        log(f"{arch} {opt}: sweep")
+        failed += run_grid(cells, jobs=jobs, log=log, stack=stack)
+        _, more = best_lrs(out, arch, opt, **kw)
+        if not more:
+            return failed
+        for name, lr in more.items():
+            log(f"{arch} {opt} {name}: best rate at an end of the range; adding lr {lr:g}")
+            (Path(out) / f"{arch}-{opt}" / "sweep" / name / _lr_name(lr)).mkdir(parents=True, exist_ok=True)

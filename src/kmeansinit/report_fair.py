@@ -201,9 +201,9 @@ def _compare(label: str, a: dict, b: dict) -> str:
 
 def write_fair_report(root: str | Path) -> Path:
     """Write ``fair.md`` and ``lr_sweep.png`` for a ``reproduce fair`` folder; return fair.md's path."""
-    root = Path(root)
-    from .fair import FAIR_ARCHS
+    from .fair import FAIR_ARCHS  # here, not at the top: fair imports train and its torch stack
 
+    root = Path(root)
     parts = sorted(d for d in root.iterdir() if d.is_dir() and (d / "sweep").is_dir()) if root.is_dir() else []
     if not parts:
         raise FileNotFoundError(f"{root}: no <arch>-<optimizer>/sweep folders of `kmeansinit reproduce fair`")
@@ -221,10 +221,10 @@ def write_fair_report(root: str | Path) -> Path:
             sweeps[d.name] = curves
             lines += table + [""]
         else:
-            arch = FAIR_ARCHS.get(d.name.rsplit("-", 1)[0])
-            src = arch.rates_from if arch else None
-            lines += [f"No sweep of its own: each init at the rate the {src}-{d.name.rsplit('-', 1)[1]} sweep chose "
-                      f"for it." if src else "No sweep folder: the final runs only.", ""]
+            name, opt = d.name.rsplit("-", 1)  # <arch>-<optimizer>
+            src = FAIR_ARCHS[name].rates_from if name in FAIR_ARCHS else None
+            lines += [f"No sweep of its own: each init at the rate the {src}-{opt} sweep chose for it."
+                      if src else "No sweep folder: the final runs only.", ""]
             if src:  # the borrowed setting's own budget, for the comparison with its final runs
                 also_at = (FAIR_ARCHS[src].final_epochs,)
         lines += (_final_section(collect(d / "final"), also_at) if (d / "final").is_dir() else ["Final runs: not started."]) + [""]
