@@ -1,4 +1,5 @@
 import json
+import math
 import shlex
 import subprocess
 import sys
@@ -344,6 +345,48 @@ def test_fair_long_setting_borrows_the_paper_sweeps_rates(capsys, tmp_path):
     assert main(args) == 2  # a real run refuses: one init has no chosen rate yet
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "he-variance-norm" in err and "--arch paper" in err
+
+
+def test_fair_long_settings_keep_their_sources_net_and_recipe():
+    """Every setting that borrows rates trains its source's own net (model, width, recipe, extras such
+    as no BN) 5x longer, with SGD only, and compares inits its source's sweep has."""
+    from kmeansinit.fair import FAIR_ARCHS, _inits
+
+    longs = {k: a for k, a in FAIR_ARCHS.items() if a.rates_from}
+    assert set(longs) == {"paper-long", "paper-nobn-long", "vgg11-long", "mobilenetv2-long", "vgg11-nobn-long"}
+    for name, a in longs.items():
+        src = FAIR_ARCHS[a.rates_from]
+        assert name == f"{a.rates_from}-long" and not src.rates_from
+        assert (a.model, a.width, a.recipe, a.extra) == (src.model, src.width, src.recipe, src.extra)
+        assert a.final_epochs == 5 * src.final_epochs and list(a.lrs) == ["sgd"] and a.lrs["sgd"] == src.lrs["sgd"]
+        assert a.compare and set(a.compare) <= set(_inits(a.rates_from)) and list(_inits(name)) == list(a.compare)
+    # the zoo candidates the short budget put first beyond the noise, against the best baseline there
+    assert _inits("vgg11-long")["kmeans-variance-eps1"] == dict(init="kmeans-variance", init_options=dict(zca_eps=1.0))
+    assert {"lsuv", "kmeans-variance-eps1"} <= set(FAIR_ARCHS["vgg11-long"].compare)
+    assert {"xavier", "kmeans-variance-eps1"} <= set(FAIR_ARCHS["mobilenetv2-long"].compare)
+    assert {"lsuv", "kmeans-he-norm"} <= set(FAIR_ARCHS["vgg11-nobn-long"].compare)
+    assert FAIR_ARCHS["vgg11-nobn-long"].extra == dict(batch_norm=False)
+
+
+def test_fair_long_zoo_setting_runs_at_the_source_sweeps_rates(capsys, tmp_path):
+    """vgg11-long: 10 epochs of VGG-11 (width 0.5) at the vgg11 sweep's chosen rates, no sweep folder."""
+    from kmeansinit.cli import main
+    from kmeansinit.fair import FAIR_ARCHS, _inits, sweep_cells
+
+    out = tmp_path / "f"
+    lrs = FAIR_ARCHS["vgg11"].lrs["sgd"]
+    peak = {"he": lrs[0], "lsuv": lrs[1], "kmeans-variance-eps1": lrs[2]}
+    rates = sorted({r * f for r in lrs for f in (0.5, 1, 2)})  # vgg11 refines: each best's factor-2 neighbours
+    for c in sweep_cells(out, "vgg11", "sgd", {k: rates for k in peak}, inits={k: _inits("vgg11")[k] for k in peak}):
+        _finish(c, 0.5 - 0.05 * abs(math.log2(c.config.lr / peak[c.name.split("/")[0]])))
+    # he's best is at the low end: the vgg11 sweep would extend it, so it has no chosen rate yet
+    assert main(["reproduce", "fair", "--arch", "vgg11-long", "--out", str(out), "--dry-run"]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("python")]
+    assert len(lines) == 2 * 3 and all("--model vgg11 --width 0.5" in l and "--epochs 10.0" in l for l in lines)
+    assert all(f"--init-cache {out / 'init-cache' / 'vgg11'}" in l and "vgg11-long-sgd/final/" in l for l in lines)
+    assert sum(f"--lr {lrs[1]:g} " in l and "--init lsuv" in l for l in lines) == 3
+    assert sum(f"--lr {lrs[2]:g} " in l and "zca_eps=1.0" in l for l in lines) == 3
+    assert not (out / "vgg11-long-sgd").exists()
 
 
 def test_fair_report_gives_a_borrowed_setting_its_sources_budget(tmp_path):
