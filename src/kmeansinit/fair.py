@@ -122,6 +122,7 @@ FAIR_ARCHS = {
                                final_epochs=60.0, extra=dict(labels=2000)),
 }
 
+
 def _longer(source: str, compare: tuple, factor: float = 5.0, optimizers: tuple = ("sgd",)) -> FairArch:
     """A setting that trains ``compare`` ``factor`` times longer than ``source``'s final runs, each init
     at the rate ``source``'s sweep chose for it (for ``optimizers`` only): the same net, recipe and
