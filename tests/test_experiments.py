@@ -381,11 +381,19 @@ def test_fair_long_zoo_setting_runs_at_the_source_sweeps_rates(capsys, tmp_path)
         _finish(c, 0.5 - 0.05 * abs(math.log2(c.config.lr / peak[c.name.split("/")[0]])))
     # he's best is at the low end: the vgg11 sweep would extend it, so it has no chosen rate yet
     assert main(["reproduce", "fair", "--arch", "vgg11-long", "--out", str(out), "--dry-run"]) == 0
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("python")]
-    assert len(lines) == 2 * 3 and all("--model vgg11 --width 0.5" in l and "--epochs 10.0" in l for l in lines)
-    assert all(f"--init-cache {out / 'init-cache' / 'vgg11'}" in l and "vgg11-long-sgd/final/" in l for l in lines)
+    every = [l for l in capsys.readouterr().out.splitlines() if l.startswith("python")]
+    lines = [l for l in every if "vgg11-long-sgd/final/" in l]
+    assert len(lines) == 2 * 3 and all("--model vgg11 --width 0.5" in l and "--epochs 10.0" in l for l in every)
+    assert all(f"--init-cache {out / 'init-cache' / 'vgg11'}" in l for l in every)
     assert sum(f"--lr {lrs[1]:g} " in l and "--init lsuv" in l for l in lines) == 3
     assert sum(f"--lr {lrs[2]:g} " in l and "zca_eps=1.0" in l for l in lines) == 3
+    # The rate check: seed 0 of each init with a chosen rate at half and twice it, in its own folder.
+    checks = [l for l in every if l not in lines]
+    assert len(checks) == 2 * 2 and all("vgg11-long-sgd/ratecheck/" in l and "--seed " not in l for l in checks)  # seed 0: the default
+    for lr in (lrs[1] / 2, lrs[1] * 2):
+        assert sum(f"--lr {lr:g} " in l and "--init lsuv" in l and f"ratecheck/lsuv/lr{lr:g}" in l for l in checks) == 1
+    for lr in (lrs[2] / 2, lrs[2] * 2):
+        assert sum(f"--lr {lr:g} " in l and "zca_eps=1.0" in l for l in checks) == 1
     assert not (out / "vgg11-long-sgd").exists()
 
 
@@ -406,6 +414,29 @@ def test_fair_report_gives_a_borrowed_setting_its_sources_budget(tmp_path):
     # step 10 (1 epoch): 61.0 and 62.0; step 30 (3 epochs): 63.0 and 64.0; the end: 75.0 and 76.0
     assert "| kmeans-variance | 0.016 | 2 | 61.5 ± 0.7 | 60.0 ± 0.0 | 63.5 ± 0.7 | 75.5 ± 0.7 |" in part
     assert "`kmeans-variance` vs the best baseline at 3 epochs (he): +10.0 points" in part
+
+
+def test_fair_report_rate_check_sets_each_neighbour_beside_the_chosen_rate(tmp_path):
+    from kmeansinit.cli import main
+
+    root = tmp_path / "fair"
+    _fake_run(root / "vgg11-sgd" / "sweep" / "he" / "lr0.05", 0.05, [dict(step=20, epoch=2, val_acc=0.40, wall=5)])
+    long = root / "vgg11-long-sgd"
+    row = lambda v, t: [dict(step=100, epoch=10, val_acc=v, test_acc=t, wall=9)]  # noqa: E731
+    for s in range(2):  # only seed 0 is the rate check's x1
+        _fake_run(long / "final" / "lsuv" / f"s{s}", 0.025, row(0.80 + s / 10, 0.79))
+        _fake_run(long / "final" / "kmeans-variance-eps1" / f"s{s}", 0.05, row(0.84, 0.83))
+    _fake_run(long / "ratecheck" / "lsuv" / "lr0.0125", 0.0125, row(0.78, 0.77))
+    _fake_run(long / "ratecheck" / "lsuv" / "lr0.05", 0.05, row(0.82, 0.815))
+    _fake_run(long / "ratecheck" / "kmeans-variance-eps1" / "lr0.025", 0.025, row(0.83, 0.82))
+    _fake_run(long / "ratecheck" / "kmeans-variance-eps1" / "lr0.1", 0.1, [], diverged=True)
+    assert main(["report", str(root)]) == 0
+    part = (root / "fair.md").read_text().split("## vgg11-long-sgd")[1]
+    assert "| init | x0.5 | x1 | x2 |" in part
+    assert "| lsuv | lr 0.0125: 78.0 (77.0) | lr 0.025: 80.0 (79.0) | lr 0.05: **82.0** (81.5) |" in part
+    assert "| kmeans-variance-eps1 | lr 0.025: 83.0 (82.0) | lr 0.05: **84.0** (83.0) | lr 0.1: diverged |" in part
+    assert ("kmeans-variance-eps1 84.0 validation (83.0 test) at lr 0.05, "
+            "lsuv 82.0 validation (81.5 test) at lr 0.05 (not the chosen rate).") in part
 
 
 def _fake_run(folder, lr, rows, init_seconds=1.0, diverged=False):

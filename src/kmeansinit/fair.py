@@ -83,6 +83,10 @@ class FairArch:
     rates_from: str | None = None
     #: With ``rates_from``: the inits compared (default all of that setting's), in this order.
     compare: tuple = ()
+    #: With ``rates_from``: after the final runs, each init also trained (seed 0, this budget) at its
+    #: borrowed rate times each of these factors. A rate chosen on a short budget need not be the best
+    #: for a longer one, and a lead that a baseline's neighbouring rate closes is no lead.
+    rate_check: tuple = ()
 
 
 #: PaperNet keeps the paper's recipe (momentum 0.9, wd 1e-5, flips, lr halved after 2/3); the zoo nets
@@ -123,14 +127,15 @@ FAIR_ARCHS = {
 }
 
 
-def _longer(source: str, compare: tuple, factor: float = 5.0, optimizers: tuple = ("sgd",)) -> FairArch:
+def _longer(source: str, compare: tuple, factor: float = 5.0, optimizers: tuple = ("sgd",),
+            rate_check: tuple = ()) -> FairArch:
     """A setting that trains ``compare`` ``factor`` times longer than ``source``'s final runs, each init
     at the rate ``source``'s sweep chose for it (for ``optimizers`` only): the same net, recipe and
-    extras, no sweep of its own. The rates are not re-swept for the longer budget: a longer run may
-    prefer a lower rate, for every init alike."""
+    extras, no sweep of its own. The rates are not re-swept for the longer budget (a longer run may
+    prefer another rate); ``rate_check`` factors train each init's neighbouring rates too, one seed."""
     a = FAIR_ARCHS[source]
     return replace(a, lrs={o: a.lrs[o] for o in optimizers}, final_epochs=factor * a.final_epochs,
-                   rates_from=source, compare=compare, refine=False, inits={})
+                   rates_from=source, compare=compare, refine=False, inits={}, rate_check=tuple(rate_check))
 
 
 # Do the short-budget leads last? Each setting's leaders and its best baselines, trained 5x longer
@@ -145,7 +150,9 @@ FAIR_ARCHS.update({
     # The zoo nets' leads beyond the noise after 2 epochs: the weaker whitening (zca_eps=1.0) on VGG-11
     # (+3.6 over LSUV) and MobileNetV2 (+5.0 over Xavier), and kmeans-he-norm on VGG-11 without BN
     # (+3.8 over LSUV); each against the best baseline there, and He, the default a user has.
-    "vgg11-long": _longer("vgg11", ("he", "lsuv", "kmeans-variance-eps1")),
+    # Its lead lasted (+2.4 over LSUV after 10 epochs, nineteenth session) at rates chosen after one
+    # epoch: each init's factor-2 neighbours at 10 epochs check that no baseline's better rate closes it.
+    "vgg11-long": _longer("vgg11", ("he", "lsuv", "kmeans-variance-eps1"), rate_check=(0.5, 2.0)),
     "mobilenetv2-long": _longer("mobilenetv2", ("he", "xavier", "kmeans-variance-eps1")),
     "vgg11-nobn-long": _longer("vgg11-nobn", ("he", "lsuv", "kmeans-he-norm")),
 })
@@ -255,6 +262,21 @@ def final_cells(out, arch: str, optimizer: str, best: dict, *, seeds: int = 3, d
             for s in range(seeds) for name, lr in best.items()]
 
 
+def rate_check_cells(out, arch: str, optimizer: str, best: dict, *, data: str = "../shared/data",
+                     val: int = 5000, precision: str = "bf16", inits=None) -> list[Cell]:
+    """Seed 0 of each init at its chosen rate times each of the setting's ``rate_check`` factors, at
+    the setting's budget, in ``<arch>-<optimizer>/ratecheck/<init>/lr<rate>`` (the chosen rate's own
+    seed 0 is the final runs' s0: the same init weights and data order)."""
+    a = FAIR_ARCHS[arch]
+    root = Path(out) / f"{arch}-{optimizer}"
+    base = _base(a, optimizer, data, val, precision, a.final_epochs)
+    inits = inits or _inits(arch)
+    cache = str(Path(out) / "init-cache" / (a.rates_from or arch))
+    return [_cell(root / "ratecheck", f"{name}/{_lr_name(lr * f)}", base, lr=lr * f, seed=0, **inits[name],
+                  init_cache=cache)
+            for f in a.rate_check for name, lr in best.items()]
+
+
 def _extra_lrs(out, arch, optimizer, inits=None) -> dict:
     root = Path(out) / f"{arch}-{optimizer}" / "sweep"
     base = set(FAIR_ARCHS[arch].lrs[optimizer])
@@ -312,6 +334,12 @@ def run_fair(out, archs, optimizers=("sgd",), *, seeds: int = 3, jobs: int = 2, 
             if cells:
                 log(f"{arch} {opt}: final runs at {chosen} {json.dumps(best)}")
                 failed += run_grid(cells, jobs=jobs, dry_run=dry_run, log=log, stack=stack)
+            if a.rate_check and best:
+                factors = ", ".join(f"{f:g}" for f in a.rate_check)
+                log(f"{'# ' if dry_run else ''}{arch} {opt}: rate check: each init at its rate x {factors}, "
+                    f"seed 0, {a.final_epochs:g} epochs")
+                failed += run_grid(rate_check_cells(out, arch, opt, best, **kw), jobs=jobs, dry_run=dry_run,
+                                   log=log, stack=stack)
     # A run stopped by a NaN loss is a result (the rate is too high), not a failure.
     return [c for c in failed if not (c.out / "diverged.json").exists()]
 

@@ -188,6 +188,55 @@ def _final_section(runs, also_at: tuple = ()) -> list[str]:
     return lines
 
 
+def _rate_check_section(checks, finals) -> list[str]:
+    """Seed 0 of each init at its chosen rate (the final runs' s0) and at the rate-check factors of
+    it: validation (test) accuracy at the end, the best validation per init in bold."""
+    chosen = {r.path.parent.name: r for r in finals if r.seed == "0"}
+    by: dict[str, dict[float, object]] = {}
+    for r in checks:
+        init = r.path.parent.name
+        if init in chosen:
+            by.setdefault(init, {chosen[init].config["lr"]: chosen[init]})[r.config["lr"]] = r
+    if not by:
+        return ["Rate check: none of its inits has a final seed 0 to compare with."]
+    factors = sorted({round(lr / chosen[i].config["lr"], 6) for i, cells in by.items() for lr in cells})
+    lines = ["Rate check (seed 0, this budget): validation (test) accuracy % at the end at the chosen rate "
+             "(x1) and its neighbours; **bold**: each init's best validation.", "",
+             "| init | " + " | ".join(f"x{f:g}" for f in factors) + " |", "|---|" + "---|" * len(factors)]
+    best_at = {}
+    for init, cells in sorted(by.items()):
+        base = chosen[init].config["lr"]
+        end = {}
+        for lr, r in cells.items():
+            if _diverged(r):
+                end[lr] = (0.0, 0.0)
+            elif r.finished:
+                end[lr] = ([x for x in r.rows if "val_acc" in x][-1]["val_acc"],
+                           [x for x in r.rows if "test_acc" in x][-1]["test_acc"])
+        top = max(end, key=lambda lr: (end[lr][0], -lr), default=None)
+        if top is not None and len(end) == len(cells):
+            best_at[init] = (top, end[top])
+        row = []
+        for f in factors:
+            lr = next((x for x in cells if abs(x / base - f) < 1e-6), None)
+            if lr is None:
+                row.append("")
+            elif _diverged(cells[lr]):
+                row.append(f"lr {lr:g}: diverged")
+            elif lr not in end:
+                row.append(f"lr {lr:g}: running")
+            else:
+                b = "**" if lr == top else ""
+                row.append(f"lr {lr:g}: {b}{100 * end[lr][0]:.1f}{b} ({100 * end[lr][1]:.1f})")
+        lines.append(f"| {init} | " + " | ".join(row) + " |")
+    if best_at:
+        lines += ["", "Seed 0, each init at its best rate of these (finished only): "
+                  + ", ".join(f"{i} {100 * v[0]:.1f} validation ({100 * v[1]:.1f} test) at lr {lr:g}"
+                              + ("" if abs(lr / chosen[i].config["lr"] - 1) < 1e-6 else " (not the chosen rate)")
+                              for i, (lr, v) in sorted(best_at.items(), key=lambda kv: -kv[1][1][0])) + "."]
+    return lines
+
+
 def _compare(label: str, a: dict, b: dict) -> str:
     """One line: the difference of two inits' mean accuracies, its 95% interval and Welch's p."""
     diff, half, p = _welch(a, b)
@@ -228,6 +277,8 @@ def write_fair_report(root: str | Path) -> Path:
             if src:  # the borrowed setting's own budget, for the comparison with its final runs
                 also_at = (FAIR_ARCHS[src].final_epochs,)
         lines += (_final_section(collect(d / "final"), also_at) if (d / "final").is_dir() else ["Final runs: not started."]) + [""]
+        if (d / "ratecheck").is_dir() and (d / "final").is_dir():
+            lines += _rate_check_section(collect(d / "ratecheck"), collect(d / "final")) + [""]
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(sweeps), figsize=(5 * len(sweeps), 4), squeeze=False)
     # One colour per init in every panel (each panel has the inits its sweep has run so far).
