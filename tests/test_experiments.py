@@ -397,6 +397,35 @@ def test_fair_long_zoo_setting_runs_at_the_source_sweeps_rates(capsys, tmp_path)
     assert not (out / "vgg11-long-sgd").exists()
 
 
+def test_fair_rate_check_extends_where_a_best_rate_lies_at_an_end(tmp_path):
+    """A baseline whose best long-budget rate is the highest checked gets the next one, at most twice."""
+    from kmeansinit.fair import final_cells, rate_check_cells, rate_check_more
+
+    out = tmp_path / "f"
+    best = {"he": 0.0125, "lsuv": 0.025}
+    peak = {"he": 0.1, "lsuv": 0.025}  # he keeps improving upwards; lsuv is best at its chosen rate
+    acc = lambda name, lr: 0.8 - 0.02 * abs(math.log2(lr / peak[name]))  # noqa: E731
+    for c in final_cells(out, "vgg11-long", "sgd", best, seeds=1):
+        _finish(c, acc(c.name.split("/")[0], c.config.lr))
+    assert rate_check_more(out, "vgg11-long", "sgd", best) == {}  # nothing checked yet: nothing to extend
+    added = []
+    for _ in range(4):
+        cells = rate_check_cells(out, "vgg11-long", "sgd", best)
+        for c in cells:
+            if not (c.out / "final.pt").exists():
+                _finish(c, acc(c.name.split("/")[0], c.config.lr))
+        more = rate_check_more(out, "vgg11-long", "sgd", best)
+        assert "lsuv" not in more
+        if not more:
+            break
+        added.append(more["he"])
+        (out / "vgg11-long-sgd" / "ratecheck" / "he" / f"lr{more['he']:g}").mkdir(parents=True)
+    # x2 = 0.025 is checked; then 0.05 and 0.1 are added (two beyond the factors), and no more.
+    assert added == [0.05, 0.1]
+    he = sorted(c.config.lr for c in rate_check_cells(out, "vgg11-long", "sgd", best) if c.name.startswith("he/"))
+    assert he == [0.00625, 0.025, 0.05, 0.1] and all(c.config.seed == 0 for c in cells)
+
+
 def test_fair_report_gives_a_borrowed_setting_its_sources_budget(tmp_path):
     from kmeansinit.cli import main
 

@@ -264,17 +264,51 @@ def final_cells(out, arch: str, optimizer: str, best: dict, *, seeds: int = 3, d
 
 def rate_check_cells(out, arch: str, optimizer: str, best: dict, *, data: str = "../shared/data",
                      val: int = 5000, precision: str = "bf16", inits=None) -> list[Cell]:
-    """Seed 0 of each init at its chosen rate times each of the setting's ``rate_check`` factors, at
-    the setting's budget, in ``<arch>-<optimizer>/ratecheck/<init>/lr<rate>`` (the chosen rate's own
-    seed 0 is the final runs' s0: the same init weights and data order)."""
+    """Seed 0 of each init at its chosen rate times each of the setting's ``rate_check`` factors, and
+    at any rate an earlier extension added (a folder in ``ratecheck/<init>``), at the setting's
+    budget, in ``<arch>-<optimizer>/ratecheck/<init>/lr<rate>``. The chosen rate's own seed 0 is
+    the final runs' s0 (the same init weights and data order)."""
     a = FAIR_ARCHS[arch]
     root = Path(out) / f"{arch}-{optimizer}"
     base = _base(a, optimizer, data, val, precision, a.final_epochs)
     inits = inits or _inits(arch)
     cache = str(Path(out) / "init-cache" / (a.rates_from or arch))
-    return [_cell(root / "ratecheck", f"{name}/{_lr_name(lr * f)}", base, lr=lr * f, seed=0, **inits[name],
-                  init_cache=cache)
-            for f in a.rate_check for name, lr in best.items()]
+    cells = []
+    for name, lr in best.items():
+        added = {float(d.name[2:]) for d in (root / "ratecheck" / name).glob("lr*") if d.is_dir()}
+        for r in sorted({lr * f for f in a.rate_check} | added):
+            if not _swept(r, [lr]):
+                cells.append(_cell(root / "ratecheck", f"{name}/{_lr_name(r)}", base, lr=r, seed=0, **inits[name],
+                                   init_cache=cache))
+    return cells
+
+
+def rate_check_more(out, arch: str, optimizer: str, best: dict, *, extend: int = 2, **kw) -> dict:
+    """Per init whose best validation accuracy at the end (seed 0, over its chosen rate and the
+    checked ones, all finished) lies at an end of the checked rates: the next rate beyond that end
+    (the factors' own step, at most ``extend`` beyond the factors on each side). A baseline still
+    improving at the edge has not had its best rate yet."""
+    a = FAIR_ARCHS[arch]
+    lo_f, hi_f = min(a.rate_check), max(a.rate_check)
+    step = hi_f if hi_f > 1 else 1 / lo_f
+    finals = {c.name.split("/")[0]: c for c in final_cells(out, arch, optimizer, best, seeds=1, **kw)}
+    accs: dict[str, dict[float, float | None]] = {}
+    for c in rate_check_cells(out, arch, optimizer, best, **kw):
+        accs.setdefault(c.name.split("/")[0], {})[c.config.lr] = _final_acc(c)
+    more = {}
+    for name, found in accs.items():
+        found[best[name]] = _final_acc(finals[name])
+        if any(v is None for v in found.values()):
+            continue
+        lrs = sorted(found)
+        top = max(lrs, key=lambda lr: (found[lr], -lr))
+        hi_added = sum(lr > best[name] * hi_f * (1 + 1e-6) for lr in lrs)
+        lo_added = sum(lr < best[name] * lo_f * (1 - 1e-6) for lr in lrs)
+        if top == lrs[-1] and hi_added < extend and found[top] > 0:
+            more[name] = top * step
+        elif top == lrs[0] and lo_added < extend:
+            more[name] = top / step
+    return more
 
 
 def _extra_lrs(out, arch, optimizer, inits=None) -> dict:
@@ -338,8 +372,15 @@ def run_fair(out, archs, optimizers=("sgd",), *, seeds: int = 3, jobs: int = 2, 
                 factors = ", ".join(f"{f:g}" for f in a.rate_check)
                 log(f"{'# ' if dry_run else ''}{arch} {opt}: rate check: each init at its rate x {factors}, "
                     f"seed 0, {a.final_epochs:g} epochs")
-                failed += run_grid(rate_check_cells(out, arch, opt, best, **kw), jobs=jobs, dry_run=dry_run,
-                                   log=log, stack=stack)
+                while True:  # extended, as the sweep is, where a best rate lies at an end
+                    failed += run_grid(rate_check_cells(out, arch, opt, best, **kw), jobs=jobs, dry_run=dry_run,
+                                       log=log, stack=stack)
+                    more = {} if dry_run else rate_check_more(out, arch, opt, best, **kw)
+                    if not more:
+                        break
+                    for name, lr in more.items():
+                        log(f"{arch} {opt} {name}: best of the rate check at an end; adding lr {lr:g}")
+                        (Path(out) / f"{arch}-{opt}" / "ratecheck" / name / _lr_name(lr)).mkdir(parents=True, exist_ok=True)
     # A run stopped by a NaN loss is a result (the rate is too high), not a failure.
     return [c for c in failed if not (c.out / "diverged.json").exists()]
 
