@@ -399,7 +399,7 @@ def test_fair_long_zoo_setting_runs_at_the_source_sweeps_rates(capsys, tmp_path)
 
 def test_fair_rate_check_extends_where_a_best_rate_lies_at_an_end(tmp_path):
     """A baseline whose best long-budget rate is the highest checked gets the next one, at most twice."""
-    from kmeansinit.fair import final_cells, rate_check_cells, rate_check_more
+    from kmeansinit.fair import final_cells, rate_check_cells, rate_check_more, tuned_cells
 
     out = tmp_path / "f"
     best = {"he": 0.0125, "lsuv": 0.025}
@@ -424,6 +424,11 @@ def test_fair_rate_check_extends_where_a_best_rate_lies_at_an_end(tmp_path):
     assert added == [0.05, 0.1]
     he = sorted(c.config.lr for c in rate_check_cells(out, "vgg11-long", "sgd", best) if c.name.startswith("he/"))
     assert he == [0.00625, 0.025, 0.05, 0.1] and all(c.config.seed == 0 for c in cells)
+    # he's best rate at this budget (0.1) is not its borrowed one: seeds 1 and 2 there, in tuned/;
+    # lsuv stayed best at its chosen rate, so its final runs serve.
+    tuned = tuned_cells(out, "vgg11-long", "sgd", best)
+    assert [(c.name, c.config.lr, c.config.seed) for c in tuned] == [("he/s1", 0.1, 1), ("he/s2", 0.1, 2)]
+    assert all(c.out.parent.parent.name == "tuned" for c in tuned)
 
 
 def test_fair_report_gives_a_borrowed_setting_its_sources_budget(tmp_path):
@@ -466,6 +471,15 @@ def test_fair_report_rate_check_sets_each_neighbour_beside_the_chosen_rate(tmp_p
     assert "| kmeans-variance-eps1 | lr 0.025: 83.0 (82.0) | lr 0.05: **84.0** (83.0) | lr 0.1: diverged |" in part
     assert ("kmeans-variance-eps1 84.0 validation (83.0 test) at lr 0.05, "
             "lsuv 82.0 validation (81.5 test) at lr 0.05 (not the chosen rate).") in part
+    # Each init over its seeds at its best rate of the check: eps1's final runs (s0, s1), lsuv's
+    # rate-check run (0.82) with its tuned seeds (0.84, 0.86).
+    for s in (1, 2):
+        _fake_run(long / "tuned" / "lsuv" / f"s{s}", 0.05, row(0.82 + s / 50, 0.80))
+    assert main(["report", str(root)]) == 0
+    part = (root / "fair.md").read_text().split("## vgg11-long-sgd")[1]
+    tail = part[part.index("Each init at its best rate of the rate check"):]
+    assert "| lsuv | 0.05 | 3 |" in tail and "| 84.0 ± 2.0 | 80.5 ± 0.9" in tail
+    assert "| kmeans-variance-eps1 | 0.05 | 2 |" in tail
 
 
 def _fake_run(folder, lr, rows, init_seconds=1.0, diverged=False):

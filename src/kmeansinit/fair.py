@@ -291,13 +291,8 @@ def rate_check_more(out, arch: str, optimizer: str, best: dict, *, extend: int =
     a = FAIR_ARCHS[arch]
     lo_f, hi_f = min(a.rate_check), max(a.rate_check)
     step = hi_f if hi_f > 1 else 1 / lo_f
-    finals = {c.name.split("/")[0]: c for c in final_cells(out, arch, optimizer, best, seeds=1, **kw)}
-    accs: dict[str, dict[float, float | None]] = {}
-    for c in rate_check_cells(out, arch, optimizer, best, **kw):
-        accs.setdefault(c.name.split("/")[0], {})[c.config.lr] = _final_acc(c)
     more = {}
-    for name, found in accs.items():
-        found[best[name]] = _final_acc(finals[name])
+    for name, found in _rate_check_accs(out, arch, optimizer, best, **kw).items():
         if any(v is None for v in found.values()):
             continue
         lrs = sorted(found)
@@ -309,6 +304,42 @@ def rate_check_more(out, arch: str, optimizer: str, best: dict, *, extend: int =
         elif top == lrs[0] and lo_added < extend:
             more[name] = top / step
     return more
+
+
+def _rate_check_accs(out, arch: str, optimizer: str, best: dict, **kw) -> dict:
+    """Per init: {rate: validation accuracy at the end of seed 0, or None while unfinished} over its
+    chosen rate (the final runs' s0) and its rate-check rates."""
+    finals = {c.name.split("/")[0]: c for c in final_cells(out, arch, optimizer, best, seeds=1, **kw)}
+    accs: dict[str, dict[float, float | None]] = {}
+    for c in rate_check_cells(out, arch, optimizer, best, **kw):
+        accs.setdefault(c.name.split("/")[0], {})[c.config.lr] = _final_acc(c)
+    for name in accs:
+        accs[name][best[name]] = _final_acc(finals[name])
+    return accs
+
+
+def tuned_cells(out, arch: str, optimizer: str, best: dict, *, seeds: int = 3, **kw) -> list[Cell]:
+    """Where the rate check (finished, nothing left to extend) found a better rate for an init at this
+    budget than the one it borrowed: seeds 1 .. seeds-1 at that rate, in ``tuned/<init>/s<k>`` (its
+    seed 0 is the rate-check run). With them every init has ``seeds`` seeds at its own best rate for
+    this budget, not only for its source's."""
+    if rate_check_more(out, arch, optimizer, best, **kw):
+        return []
+    a = FAIR_ARCHS[arch]
+    root = Path(out) / f"{arch}-{optimizer}"
+    base = _base(a, optimizer, kw.get("data", "../shared/data"), kw.get("val", 5000), kw.get("precision", "bf16"),
+                 a.final_epochs)
+    inits = kw.get("inits") or _inits(arch)
+    cache = str(Path(out) / "init-cache" / (a.rates_from or arch))
+    cells = []
+    for name, found in _rate_check_accs(out, arch, optimizer, best, **kw).items():
+        if any(v is None for v in found.values()):
+            continue
+        top = max(found, key=lambda lr: (found[lr], -lr))
+        if not _swept(top, [best[name]]):
+            cells += [_cell(root / "tuned", f"{name}/s{s}", base, lr=top, seed=s, **inits[name], init_cache=cache)
+                      for s in range(1, seeds)]
+    return cells
 
 
 def _extra_lrs(out, arch, optimizer, inits=None) -> dict:
@@ -381,6 +412,10 @@ def run_fair(out, archs, optimizers=("sgd",), *, seeds: int = 3, jobs: int = 2, 
                     for name, lr in more.items():
                         log(f"{arch} {opt} {name}: best of the rate check at an end; adding lr {lr:g}")
                         (Path(out) / f"{arch}-{opt}" / "ratecheck" / name / _lr_name(lr)).mkdir(parents=True, exist_ok=True)
+                tuned = tuned_cells(out, arch, opt, best, seeds=seeds, **kw)
+                if tuned:
+                    log(f"{arch} {opt}: {seeds - 1} more seeds of each init whose best rate at this budget differs")
+                    failed += run_grid(tuned, jobs=jobs, dry_run=dry_run, log=log, stack=stack)
     # A run stopped by a NaN loss is a result (the rate is too high), not a failure.
     return [c for c in failed if not (c.out / "diverged.json").exists()]
 

@@ -188,9 +188,11 @@ def _final_section(runs, also_at: tuple = ()) -> list[str]:
     return lines
 
 
-def _rate_check_section(checks, finals) -> list[str]:
+def _rate_check_section(checks, finals, tuned=(), also_at: tuple = ()) -> list[str]:
     """Seed 0 of each init at its chosen rate (the final runs' s0) and at the rate-check factors of
-    it: validation (test) accuracy at the end, the best validation per init in bold."""
+    it: validation (test) accuracy at the end, the best validation per init in bold. Then, once every
+    init's check is finished, each init over its seeds at its best rate of the check: the final runs
+    where that is the chosen rate, else the rate-check run (seed 0) and the ``tuned`` runs."""
     chosen = {r.path.parent.name: r for r in finals if r.seed == "0"}
     by: dict[str, dict[float, object]] = {}
     for r in checks:
@@ -234,6 +236,17 @@ def _rate_check_section(checks, finals) -> list[str]:
                   + ", ".join(f"{i} {100 * v[0]:.1f} validation ({100 * v[1]:.1f} test) at lr {lr:g}"
                               + ("" if abs(lr / chosen[i].config["lr"] - 1) < 1e-6 else " (not the chosen rate)")
                               for i, (lr, v) in sorted(best_at.items(), key=lambda kv: -kv[1][1][0])) + "."]
+    if best_at and len(best_at) == len(by):
+        runs = []
+        for init, (lr, _) in best_at.items():
+            if abs(lr / chosen[init].config["lr"] - 1) < 1e-6:
+                runs += [r for r in finals if r.path.parent.name == init]
+            else:
+                runs += [r for r in checks if r.path.parent.name == init and abs(r.config["lr"] / lr - 1) < 1e-6]
+                runs += [r for r in tuned if r.path.parent.name == init and abs(r.config["lr"] / lr - 1) < 1e-6]
+        lines += ["", "Each init at its best rate of the rate check, over its seeds (seed 0 from the check, "
+                  "the others from tuned/; the final runs where the chosen rate stayed best):", ""]
+        lines += _final_section(runs, also_at)
     return lines
 
 
@@ -278,7 +291,8 @@ def write_fair_report(root: str | Path) -> Path:
                 also_at = (FAIR_ARCHS[src].final_epochs,)
         lines += (_final_section(collect(d / "final"), also_at) if (d / "final").is_dir() else ["Final runs: not started."]) + [""]
         if (d / "ratecheck").is_dir() and (d / "final").is_dir():
-            lines += _rate_check_section(collect(d / "ratecheck"), collect(d / "final")) + [""]
+            tuned = collect(d / "tuned") if (d / "tuned").is_dir() else []
+            lines += _rate_check_section(collect(d / "ratecheck"), collect(d / "final"), tuned, also_at) + [""]
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(sweeps), figsize=(5 * len(sweeps), 4), squeeze=False)
     # One colour per init in every panel (each panel has the inits its sweep has run so far).
