@@ -119,7 +119,7 @@ def _sweep_table(runs) -> tuple[list[str], dict]:
     return lines, curves
 
 
-def _final_section(runs, also_at: tuple = ()) -> list[str]:
+def _final_section(runs, also_at: tuple = (), what: str = "Final runs (each init at its chosen rate") -> list[str]:
     """``also_at``: epochs at which to give validation accuracy besides one epoch and the end (a
     setting trained longer than the one whose rates it borrows: that setting's budget)."""
     groups: dict[str, list] = {}
@@ -147,7 +147,7 @@ def _final_section(runs, also_at: tuple = ()) -> list[str]:
             runs=rs)
     # Target: the lowest final mean validation accuracy of any init, so every init reaches it.
     target = min(s["val"]["mean"] for s in stats.values())
-    lines = [f"Final runs (each init at its chosen rate; {per_epoch} iterations an epoch; target validation "
+    lines = [f"{what}; {per_epoch} iterations an epoch; target validation "
              f"accuracy {100 * target:.1f}%, the lowest final mean of any init):", "",
              f"| init | lr | seeds | val @{early} | test @{early} | "
              + "".join(f"val @{e:g} epochs | " for e in also_at)
@@ -246,7 +246,7 @@ def _rate_check_section(checks, finals, tuned=(), also_at: tuple = ()) -> list[s
                 runs += [r for r in tuned if r.path.parent.name == init and abs(r.config["lr"] / lr - 1) < 1e-6]
         lines += ["", "Each init at its best rate of the rate check, over its seeds (seed 0 from the check, "
                   "the others from tuned/; the final runs where the chosen rate stayed best):", ""]
-        lines += _final_section(runs, also_at)
+        lines += _final_section(runs, also_at, what="At the rate check's best rates (each init at its best rate for this budget")
     return lines
 
 
