@@ -318,18 +318,19 @@ def _rate_check_accs(out, arch: str, optimizer: str, best: dict, **kw) -> dict:
     return accs
 
 
-def tuned_cells(out, arch: str, optimizer: str, best: dict, *, seeds: int = 3, **kw) -> list[Cell]:
+def tuned_cells(out, arch: str, optimizer: str, best: dict, *, seeds: int = 3, data: str = "../shared/data",
+                val: int = 5000, precision: str = "bf16", inits=None) -> list[Cell]:
     """Where the rate check (finished, nothing left to extend) found a better rate for an init at this
     budget than the one it borrowed: seeds 1 .. seeds-1 at that rate, in ``tuned/<init>/s<k>`` (its
     seed 0 is the rate-check run). With them every init has ``seeds`` seeds at its own best rate for
     this budget, not only for its source's."""
+    kw = dict(data=data, val=val, precision=precision, inits=inits)
     if rate_check_more(out, arch, optimizer, best, **kw):
         return []
     a = FAIR_ARCHS[arch]
     root = Path(out) / f"{arch}-{optimizer}"
-    base = _base(a, optimizer, kw.get("data", "../shared/data"), kw.get("val", 5000), kw.get("precision", "bf16"),
-                 a.final_epochs)
-    inits = kw.get("inits") or _inits(arch)
+    base = _base(a, optimizer, data, val, precision, a.final_epochs)
+    inits = inits or _inits(arch)
     cache = str(Path(out) / "init-cache" / (a.rates_from or arch))
     cells = []
     for name, found in _rate_check_accs(out, arch, optimizer, best, **kw).items():
