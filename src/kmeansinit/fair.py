@@ -262,17 +262,22 @@ def final_cells(out, arch: str, optimizer: str, best: dict, *, seeds: int = 3, d
             for s in range(seeds) for name, lr in best.items()]
 
 
+def _final_budget(out, arch, optimizer, data, val, precision, inits):
+    """(setting, its folder, the final runs' config, the inits, the init cache) of the cells trained
+    at a setting's final budget beyond its final runs (rate check, tuned seeds)."""
+    a = FAIR_ARCHS[arch]
+    base = _base(a, optimizer, data, val, precision, a.final_epochs)
+    cache = str(Path(out) / "init-cache" / (a.rates_from or arch))
+    return a, Path(out) / f"{arch}-{optimizer}", base, inits or _inits(arch), cache
+
+
 def rate_check_cells(out, arch: str, optimizer: str, best: dict, *, data: str = "../shared/data",
                      val: int = 5000, precision: str = "bf16", inits=None) -> list[Cell]:
     """Seed 0 of each init at its chosen rate times each of the setting's ``rate_check`` factors, and
     at any rate an earlier extension added (a folder in ``ratecheck/<init>``), at the setting's
     budget, in ``<arch>-<optimizer>/ratecheck/<init>/lr<rate>``. The chosen rate's own seed 0 is
     the final runs' s0 (the same init weights and data order)."""
-    a = FAIR_ARCHS[arch]
-    root = Path(out) / f"{arch}-{optimizer}"
-    base = _base(a, optimizer, data, val, precision, a.final_epochs)
-    inits = inits or _inits(arch)
-    cache = str(Path(out) / "init-cache" / (a.rates_from or arch))
+    a, root, base, inits, cache = _final_budget(out, arch, optimizer, data, val, precision, inits)
     cells = []
     for name, lr in best.items():
         added = {float(d.name[2:]) for d in (root / "ratecheck" / name).glob("lr*") if d.is_dir()}
@@ -327,11 +332,7 @@ def tuned_cells(out, arch: str, optimizer: str, best: dict, *, seeds: int = 3, d
     kw = dict(data=data, val=val, precision=precision, inits=inits)
     if rate_check_more(out, arch, optimizer, best, **kw):
         return []
-    a = FAIR_ARCHS[arch]
-    root = Path(out) / f"{arch}-{optimizer}"
-    base = _base(a, optimizer, data, val, precision, a.final_epochs)
-    inits = inits or _inits(arch)
-    cache = str(Path(out) / "init-cache" / (a.rates_from or arch))
+    _, root, base, inits, cache = _final_budget(out, arch, optimizer, data, val, precision, inits)
     cells = []
     for name, found in _rate_check_accs(out, arch, optimizer, best, **kw).items():
         if any(v is None for v in found.values()):
