@@ -250,25 +250,21 @@ def _on_grid(lr: float, first: float, step: float) -> bool:
     return abs(k - round(k)) < 1e-6
 
 
-def final_cells(out, arch: str, optimizer: str, best: dict, *, seeds: int = 3, data: str = "../shared/data",
-                val: int = 5000, precision: str = "bf16", inits=None) -> list[Cell]:
-    a = FAIR_ARCHS[arch]
-    root = Path(out) / f"{arch}-{optimizer}"
-    base = _base(a, optimizer, data, val, precision, a.final_epochs)
-    inits = inits or _inits(arch)
-    # A setting that borrows another's rates shares its inits too (the same net, seed and images).
-    cache = str(Path(out) / "init-cache" / (a.rates_from or arch))
-    return [_cell(root / "final", f"{name}/s{s}", base, lr=lr, seed=s, **inits[name], init_cache=cache)
-            for s in range(seeds) for name, lr in best.items()]
-
-
 def _final_budget(out, arch, optimizer, data, val, precision, inits):
     """(setting, its folder, the final runs' config, the inits, the init cache) of the cells trained
-    at a setting's final budget beyond its final runs (rate check, tuned seeds)."""
+    at a setting's final budget: final runs, rate check, tuned seeds."""
     a = FAIR_ARCHS[arch]
     base = _base(a, optimizer, data, val, precision, a.final_epochs)
+    # A setting that borrows another's rates shares its inits too (the same net, seed and images).
     cache = str(Path(out) / "init-cache" / (a.rates_from or arch))
     return a, Path(out) / f"{arch}-{optimizer}", base, inits or _inits(arch), cache
+
+
+def final_cells(out, arch: str, optimizer: str, best: dict, *, seeds: int = 3, data: str = "../shared/data",
+                val: int = 5000, precision: str = "bf16", inits=None) -> list[Cell]:
+    _, root, base, inits, cache = _final_budget(out, arch, optimizer, data, val, precision, inits)
+    return [_cell(root / "final", f"{name}/s{s}", base, lr=lr, seed=s, **inits[name], init_cache=cache)
+            for s in range(seeds) for name, lr in best.items()]
 
 
 def rate_check_cells(out, arch: str, optimizer: str, best: dict, *, data: str = "../shared/data",
@@ -280,8 +276,7 @@ def rate_check_cells(out, arch: str, optimizer: str, best: dict, *, data: str = 
     a, root, base, inits, cache = _final_budget(out, arch, optimizer, data, val, precision, inits)
     cells = []
     for name, lr in best.items():
-        added = {float(d.name[2:]) for d in (root / "ratecheck" / name).glob("lr*") if d.is_dir()}
-        for r in sorted({lr * f for f in a.rate_check} | added):
+        for r in sorted({lr * f for f in a.rate_check} | _lr_folders(root / "ratecheck" / name)):
             if not _swept(r, [lr]):
                 cells.append(_cell(root / "ratecheck", f"{name}/{_lr_name(r)}", base, lr=r, seed=0, **inits[name],
                                    init_cache=cache))
@@ -293,15 +288,23 @@ def rate_check_more(out, arch: str, optimizer: str, best: dict, *, extend: int =
     checked ones, all finished) lies at an end of the checked rates: the next rate beyond that end
     (the factors' own step, at most ``extend`` beyond the factors on each side). A baseline still
     improving at the edge has not had its best rate yet."""
-    a = FAIR_ARCHS[arch]
+    return _more(FAIR_ARCHS[arch], _rate_check_accs(out, arch, optimizer, best, **kw), best, extend)
+
+
+def _top(found: dict) -> float:
+    """The rate of the best accuracy; ties go to the smaller rate."""
+    return max(found, key=lambda lr: (found[lr], -lr))
+
+
+def _more(a: FairArch, accs: dict, best: dict, extend: int = 2) -> dict:
     lo_f, hi_f = min(a.rate_check), max(a.rate_check)
     step = hi_f if hi_f > 1 else 1 / lo_f
     more = {}
-    for name, found in _rate_check_accs(out, arch, optimizer, best, **kw).items():
+    for name, found in accs.items():
         if any(v is None for v in found.values()):
             continue
         lrs = sorted(found)
-        top = max(lrs, key=lambda lr: (found[lr], -lr))
+        top = _top(found)
         hi_added = sum(lr > best[name] * hi_f * (1 + 1e-6) for lr in lrs)
         lo_added = sum(lr < best[name] * lo_f * (1 - 1e-6) for lr in lrs)
         if top == lrs[-1] and hi_added < extend and found[top] > 0:
@@ -329,19 +332,24 @@ def tuned_cells(out, arch: str, optimizer: str, best: dict, *, seeds: int = 3, d
     budget than the one it borrowed: seeds 1 .. seeds-1 at that rate, in ``tuned/<init>/s<k>`` (its
     seed 0 is the rate-check run). With them every init has ``seeds`` seeds at its own best rate for
     this budget, not only for its source's."""
-    kw = dict(data=data, val=val, precision=precision, inits=inits)
-    if rate_check_more(out, arch, optimizer, best, **kw):
+    accs = _rate_check_accs(out, arch, optimizer, best, data=data, val=val, precision=precision, inits=inits)
+    a, root, base, inits, cache = _final_budget(out, arch, optimizer, data, val, precision, inits)
+    if _more(a, accs, best):
         return []
-    _, root, base, inits, cache = _final_budget(out, arch, optimizer, data, val, precision, inits)
     cells = []
-    for name, found in _rate_check_accs(out, arch, optimizer, best, **kw).items():
+    for name, found in accs.items():
         if any(v is None for v in found.values()):
             continue
-        top = max(found, key=lambda lr: (found[lr], -lr))
+        top = _top(found)
         if not _swept(top, [best[name]]):
             cells += [_cell(root / "tuned", f"{name}/s{s}", base, lr=top, seed=s, **inits[name], init_cache=cache)
                       for s in range(1, seeds)]
     return cells
+
+
+def _lr_folders(folder: Path) -> set:
+    """The rates of the ``lr<rate>`` run folders in ``folder`` (a sweep's or a rate check's, per init)."""
+    return {float(d.name[2:]) for d in folder.glob("lr*") if d.is_dir()}
 
 
 def _extra_lrs(out, arch, optimizer, inits=None) -> dict:
@@ -349,7 +357,7 @@ def _extra_lrs(out, arch, optimizer, inits=None) -> dict:
     base = set(FAIR_ARCHS[arch].lrs[optimizer])
     extra = {}
     for name in inits or _inits(arch):
-        lrs = sorted({float(d.name[2:]) for d in (root / name).glob("lr*") if d.is_dir()} | base)
+        lrs = sorted(_lr_folders(root / name) | base)
         extra[name] = lrs
     return extra
 
