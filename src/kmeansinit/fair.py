@@ -225,8 +225,8 @@ def best_lrs(out, arch: str, optimizer: str, *, extend: int = 2, step: float = 4
             continue  # the sweep of this init is not finished
         lrs = sorted(accs)
         coarse = [lr for lr in lrs if _on_grid(lr, base_lrs[0], step)]
-        top = max(lrs, key=lambda lr: (accs[lr], -lr))  # ties go to the smaller rate
-        ctop = max(coarse, key=lambda lr: (accs[lr], -lr))
+        top = _top(accs)
+        ctop = _top({lr: accs[lr] for lr in coarse})
         lo_added = sum(lr < base_lrs[0] for lr in coarse)
         hi_added = sum(lr > base_lrs[-1] for lr in coarse)
         if ctop == coarse[0] and lo_added < extend:

@@ -84,6 +84,11 @@ def _at(rows, key, step, within: int):
     return min(have, key=lambda r: (abs(r["step"] - step), -r["step"]))[key]
 
 
+def _last(rows, key):
+    """``key`` at the last row that has it (None if none does)."""
+    return next((r[key] for r in reversed(rows) if key in r), None)
+
+
 def _diverged(run) -> bool:
     return (run.path / "diverged.json").exists()
 
@@ -101,8 +106,7 @@ def _sweep_table(runs) -> tuple[list[str], dict]:
             if _diverged(r):
                 accs[lr] = 0.0
             elif r.finished:
-                vals = [x["val_acc"] for x in r.rows if "val_acc" in x]
-                accs[lr] = vals[-1] if vals else None
+                accs[lr] = _last(r.rows, "val_acc")
         best = max((lr for lr, a in accs.items() if a is not None), key=lambda lr: (accs[lr], -lr), default=None)
         row = []
         for lr in lrs:
@@ -141,8 +145,8 @@ def _final_section(runs, also_at: tuple = (), what: str = "Final runs (each init
             **{f"val@{e:g}": _stats([_at(r.rows, "val_acc", round(e * per_epoch), per_epoch // 20) for r in rs])
                for e in also_at},
             test1=_stats([_at(r.rows, "test_acc", per_epoch, per_epoch // 20) for r in rs]),
-            val=_stats([[x for x in r.rows if "val_acc" in x][-1]["val_acc"] for r in rs]),
-            test=_stats([[x for x in r.rows if "test_acc" in x][-1]["test_acc"] for r in rs]),
+            val=_stats([_last(r.rows, "val_acc") for r in rs]),
+            test=_stats([_last(r.rows, "test_acc") for r in rs]),
             init_s=statistics.fmean([r.init.get("seconds", 0.0) for r in rs]),
             runs=rs)
     # Target: the lowest final mean validation accuracy of any init, so every init reaches it.
@@ -213,8 +217,7 @@ def _rate_check_section(checks, finals, tuned=(), also_at: tuple = ()) -> list[s
             if _diverged(r):
                 end[lr] = (0.0, 0.0)
             elif r.finished:
-                end[lr] = ([x for x in r.rows if "val_acc" in x][-1]["val_acc"],
-                           [x for x in r.rows if "test_acc" in x][-1]["test_acc"])
+                end[lr] = (_last(r.rows, "val_acc"), _last(r.rows, "test_acc"))
         top = max(end, key=lambda lr: (end[lr][0], -lr), default=None)
         if top is not None and len(end) == len(cells):
             best_at[init] = (top, end[top])
