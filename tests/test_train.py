@@ -105,6 +105,23 @@ def test_kill_and_resume_is_bit_identical(fake_cifar10, tmp_path):
     assert strip(tmp_path / "ref" / "metrics.jsonl") == strip(tmp_path / "cut" / "metrics.jsonl")
 
 
+def test_resume_keeps_the_threads_given_now(fake_cifar10, tmp_path):
+    # Threads are the resuming machine's setting: --threads N on --resume wins over the saved value,
+    # and without it (0) the saved value applies.
+    before = torch.get_num_threads()
+    run = tmp_path / "run"
+    try:
+        train(tiny(fake_cifar10, run, threads=2), progress=False)
+        (run / "final.pt").unlink()
+        train(tiny(fake_cifar10, run, threads=1), resume=True, progress=False)
+        assert torch.get_num_threads() == 1
+        (run / "final.pt").unlink()
+        train(tiny(fake_cifar10, run, threads=0), resume=True, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_cli_one_line_errors(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()

@@ -438,7 +438,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
     out = Path(cfg.out)
     ckpt_path, cfg_path, metrics_path = out / CKPT, out / "config.json", out / "metrics.jsonl"
     if resume:
+        # The run's own settings come from its folder; the threads are this machine's, so a --threads
+        # given now (non-zero) is kept rather than silently replaced by the saved value.
+        threads = cfg.threads
         cfg = load_run_config(out)
+        cfg.threads = threads or cfg.threads
     elif ckpt_path.exists() or (out / "final.pt").exists():
         raise RunError(f"{out}: already holds a run; use --resume to continue it or choose another --out")
     info, device = setup(cfg.device)
