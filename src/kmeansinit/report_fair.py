@@ -89,6 +89,12 @@ def _last(rows, key):
     return next((r[key] for r in reversed(rows) if key in r), None)
 
 
+def _same_rate(a: float, b: float) -> bool:
+    """Whether two learning rates are the same up to float rounding (rates are read back from folder
+    names and configs, so exact equality is not safe); fair.py's _swept keeps the same tolerance."""
+    return abs(a / b - 1) < 1e-6
+
+
 def _diverged(run) -> bool:
     return (run.path / "diverged.json").exists()
 
@@ -237,16 +243,15 @@ def _rate_check_section(checks, finals, tuned=(), also_at: tuple = ()) -> list[s
     if best_at:
         lines += ["", "Seed 0, each init at its best rate of these (finished only): "
                   + ", ".join(f"{i} {100 * v[0]:.1f} validation ({100 * v[1]:.1f} test) at lr {lr:g}"
-                              + ("" if abs(lr / chosen[i].config["lr"] - 1) < 1e-6 else " (not the chosen rate)")
+                              + ("" if _same_rate(lr, chosen[i].config["lr"]) else " (not the chosen rate)")
                               for i, (lr, v) in sorted(best_at.items(), key=lambda kv: -kv[1][1][0])) + "."]
     if best_at and len(best_at) == len(by):
         runs = []
         for init, (lr, _) in best_at.items():
-            if abs(lr / chosen[init].config["lr"] - 1) < 1e-6:
+            if _same_rate(lr, chosen[init].config["lr"]):
                 runs += [r for r in finals if r.path.parent.name == init]
             else:
-                runs += [r for r in checks if r.path.parent.name == init and abs(r.config["lr"] / lr - 1) < 1e-6]
-                runs += [r for r in tuned if r.path.parent.name == init and abs(r.config["lr"] / lr - 1) < 1e-6]
+                runs += [r for r in (*checks, *tuned) if r.path.parent.name == init and _same_rate(r.config["lr"], lr)]
         lines += ["", "Each init at its best rate of the rate check, over its seeds (seed 0 from the check, "
                   "the others from tuned/; the final runs where the chosen rate stayed best):", ""]
         lines += _final_section(runs, also_at, what="At the rate check's best rates (each init at its best rate for this budget")
