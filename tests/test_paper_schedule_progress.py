@@ -47,3 +47,51 @@ def test_a_tail_of_one_and_a_missing_folder_are_one_line_errors(tmp_path):
     assert out.returncode != 0 and "--tail 1" in out.stderr and "Traceback" not in out.stderr
     out = _run("--runs", str(tmp_path / "nope"))
     assert out.returncode != 0 and "nope: no such folder" in out.stderr and "Traceback" not in out.stderr
+
+
+DOC = """# Title
+
+## Table 2 so far
+
+```bash
+# a comment in a code block is not a heading
+python progress.py
+```
+
+| cell | old |
+|---|---|
+| he-sgd-bf16/s0 | stale |
+
+Text after the table.
+
+## Filter norms
+
+| cell | norm |
+|---|---|
+| he-sgd-bf16/s0 | 1.62 |
+"""
+
+
+def test_into_replaces_only_the_table_of_its_own_section(tmp_path):
+    """The norms section has rows of the same cells: --into must leave it, and every other line, alone."""
+    runs = tmp_path / "runs"
+    _cell(runs, "he-sgd-bf16", [0.40, 0.61], finished=True)
+    doc = tmp_path / "paper_schedule.md"
+    doc.write_text(DOC)
+    printed = _run("--runs", str(runs)).stdout.splitlines()
+    out = _run("--runs", str(runs), "--into", str(doc))
+    assert out.returncode == 0, out.stderr
+    text = doc.read_text()
+    assert text == DOC.replace("| cell | old |\n|---|---|\n| he-sgd-bf16/s0 | stale |\n", "\n".join(printed) + "\n")
+    assert "| he-sgd-bf16/s0 | 1.62 |" in text and "stale" not in text
+
+
+def test_into_names_a_missing_heading_or_table_in_one_line(tmp_path):
+    runs = tmp_path / "runs"
+    _cell(runs, "he-sgd-bf16", [0.40], finished=True)
+    doc = tmp_path / "paper_schedule.md"
+    doc.write_text("# Title\n\n## Table 2 so far\n\nno table yet\n\n## Filter norms\n\n| a |\n|---|\n")
+    for section, says in (("## Table 2 so far", "no table under"), ("## Missing", "no heading")):
+        out = _run("--runs", str(runs), "--into", str(doc), "--section", section)
+        assert out.returncode != 0 and says in out.stderr and str(doc) in out.stderr and "Traceback" not in out.stderr
+    assert doc.read_text().endswith("| a |\n|---|\n")  # untouched

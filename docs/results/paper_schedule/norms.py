@@ -14,7 +14,8 @@ SGD cells' effective step 1/||w||^2 at the latest weights relative to the He/SGD
 Where the init weights come from: the cell's ``init.pt``; else the ``init.pt`` that was committed
 while the cell ran (git history: finished cells keep only ``final.pt``); else, for the data-free inits
 (normal, xavier, he), the init rebuilt as ``kmeansinit train`` builds it (same seed: same weights).
-A cell with none of these shows "–".
+A cell with none of these shows "–". ``--into paper_schedule.md`` writes the table in place of the one
+under "## Filter norms: the batch-norm effect at one fixed lr" (``--section``) instead of printing it.
 """
 from __future__ import annotations
 
@@ -101,6 +102,9 @@ def latest_state(cell: Path) -> tuple[dict | None, int | None]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--runs", type=Path, default=HERE / "runs")
+    p.add_argument("--into", type=Path, metavar="DOC", help="replace the table under --section in DOC instead of printing")
+    p.add_argument("--section", default="## Filter norms: the batch-norm effect at one fixed lr",
+                   help="the heading (a whole line) whose table --into replaces")
     a = p.parse_args(argv)
     if not a.runs.is_dir():
         sys.exit(f"{a.runs}: no such folder")
@@ -117,13 +121,19 @@ def main(argv=None) -> int:
     # lr / ||w||, not lr / ||w||^2, and the two optimizers' cells are not on one scale.
     he = next((now for _, cfg, _, _, _, now in rows if cfg["init"] == "he" and cfg["optimizer"] == "sgd"
                and cfg.get("precision") == "bf16"), None)
-    print("| cell | weights at | filter norm at init (source) | filter norm at latest | SGD effective step at latest, relative to He/SGD |")
-    print("|---|---|---|---|---|")
+    out = ["| cell | weights at | filter norm at init (source) | filter norm at latest | SGD effective step at latest, relative to He/SGD |",
+           "|---|---|---|---|---|"]
     for name, cfg, step, init, source, now in rows:
         start = "–" if init is None else f"{_geo(bn_fed_norms(init)):.3g} ({source})"
         rel = "–" if he is None or cfg["optimizer"] != "sgd" else f"{(he / now) ** 2:.2f}"
         at = "final (75,000)" if step is None else f"{step:,}"
-        print(f"| {name} | {at} | {start} | {now:.3g} | {rel} |")
+        out.append(f"| {name} | {at} | {start} | {now:.3g} | {rel} |")
+    if a.into:
+        from _doc import replace_table  # this folder's helper: run as a script, its folder is on sys.path
+        n = replace_table(a.into, a.section, out)
+        print(f"{a.into}: {n - 2} rows under {a.section!r}")
+        return 0
+    print("\n".join(out))
     print("\nfilter norm: geometric mean over the 10 BN-fed layers of each layer's mean per-filter L2 norm; "
           "SGD effective step: (He/SGD bf16's norm / the cell's norm)^2 at the latest weights")
     return 0

@@ -11,7 +11,8 @@ adds each cell's test accuracy at those iterations (cells that reached them), to
 have run for different lengths at the same point. ``--tail K`` adds the mean and standard deviation
 of each cell's last K evaluations: one evaluation of one run moves by a point or two from its
 neighbours, so the mean over the schedule's last stretch is the steadier final figure (a cell with
-fewer than K evaluations gets none).
+fewer than K evaluations gets none). ``--into paper_schedule.md`` writes the table in place of the
+one under "## Table 2 so far" (``--section``) instead of printing it; nothing else in the file changes.
 """
 from __future__ import annotations
 
@@ -30,20 +31,23 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=Path, default=HERE / "runs")
     p.add_argument("--at", type=int, nargs="*", default=[], metavar="STEP", help="also the test accuracy at these iterations")
     p.add_argument("--tail", type=int, default=0, metavar="K", help="also the mean and sd of the last K evaluations")
+    p.add_argument("--into", type=Path, metavar="DOC", help="replace the table under --section in DOC instead of printing")
+    p.add_argument("--section", default="## Table 2 so far", help="the heading (a whole line) whose table --into replaces")
     a = p.parse_args(argv)
     if not a.runs.is_dir():
         sys.exit(f"{a.runs}: no such folder")
     if a.tail < 0 or a.tail == 1:
         sys.exit(f"--tail {a.tail}: needs at least 2 evaluations for a standard deviation (or 0 for none)")
+    out: list[str] = []
     tail_head = f" mean of last {a.tail} evals % (sd, from) |" if a.tail else ""
-    print("| cell | precision | iterations | latest test acc % | best test acc % (at) | lowest test loss (at) "
-          "| latest test loss | latest train loss | paper's final % |" + "".join(f" acc % at {n:,} |" for n in a.at)
-          + tail_head)
-    print("|---|---|---|---|---|---|---|---|---|" + "---|" * (len(a.at) + bool(a.tail)))
+    out.append("| cell | precision | iterations | latest test acc % | best test acc % (at) | lowest test loss (at) "
+               "| latest test loss | latest train loss | paper's final % |" + "".join(f" acc % at {n:,} |" for n in a.at)
+               + tail_head)
+    out.append("|---|---|---|---|---|---|---|---|---|" + "---|" * (len(a.at) + bool(a.tail)))
     for run in collect(a.runs):  # the report's reader: metrics.jsonl rows, a line cut by a kill skipped
         cell, cfg, evals = f"{run.group}/s{run.seed}", run.config, run.evals
         if not evals:
-            print(f"| {cell} | {cfg.get('precision', 'fp32')} | 0 | – | – | – | – | – | – |" + " – |" * (len(a.at) + bool(a.tail)))
+            out.append(f"| {cell} | {cfg.get('precision', 'fp32')} | 0 | – | – | – | – | – | – |" + " – |" * (len(a.at) + bool(a.tail)))
             continue
         last = evals[-1]
         best = max(evals, key=lambda r: r["test_acc"])
@@ -53,11 +57,17 @@ def main(argv=None) -> int:
         at = {r["step"]: r["test_acc"] for r in evals}
         train_loss = next((r["train_loss"] for r in reversed(run.rows) if "train_loss" in r), float("nan"))
         paper = PAPER.get(f"{cfg['init']}-{cfg.get('optimizer', 'sgd')}")
-        print(f"| {cell} | {cfg.get('precision', 'fp32')} | {reached} "
-              f"| {100 * last['test_acc']:.2f} | {100 * best['test_acc']:.2f} ({best['step']:,}) "
-              f"| {low['test_loss']:.3f} ({low['step']:,}) | {last['test_loss']:.3f} | {train_loss:.3f} "
-              f"| {'' if paper is None else f'{100 * paper:.1f}'} |"
-              + "".join(f" {100 * at[n]:.2f} |" if n in at else " – |" for n in a.at) + _tail(evals, a.tail))
+        out.append(f"| {cell} | {cfg.get('precision', 'fp32')} | {reached} "
+                   f"| {100 * last['test_acc']:.2f} | {100 * best['test_acc']:.2f} ({best['step']:,}) "
+                   f"| {low['test_loss']:.3f} ({low['step']:,}) | {last['test_loss']:.3f} | {train_loss:.3f} "
+                   f"| {'' if paper is None else f'{100 * paper:.1f}'} |"
+                   + "".join(f" {100 * at[n]:.2f} |" if n in at else " – |" for n in a.at) + _tail(evals, a.tail))
+    if a.into:
+        from _doc import replace_table  # this folder's helper: run as a script, its folder is on sys.path
+        n = replace_table(a.into, a.section, out)
+        print(f"{a.into}: {n - 2} rows under {a.section!r}")
+    else:
+        print("\n".join(out))
     return 0
 
 
