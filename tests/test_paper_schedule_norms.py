@@ -64,6 +64,25 @@ def test_effective_step_is_relative_to_he_sgd_and_left_out_for_adam(tmp_path):
     assert rows["he-adam-bf16/s0"][3] == "–"
 
 
+def test_into_writes_the_printed_table_under_the_norms_heading_only(tmp_path):
+    """The Table 2 section has rows of the same cells: --into must leave it alone, and the footnote
+    (which the document states in its own words) is printed only without --into."""
+    runs = tmp_path / "runs"
+    _cell(runs, "he-sgd-bf16", _state(1.0), _state(2.0), None)
+    doc = tmp_path / "paper_schedule.md"
+    head = "# T\n\n## Table 2 so far\n\n| cell | acc |\n|---|---|\n| he-sgd-bf16/s0 | 64.60 |\n\n"
+    doc.write_text(head + "## Filter norms: the batch-norm effect at one fixed lr\n\n| old |\n|---|\n\nAfter.\n")
+    printed = subprocess.run([sys.executable, str(SCRIPT), "--runs", str(runs)], capture_output=True, text=True).stdout
+    table = [ln for ln in printed.splitlines() if ln.startswith("|")]
+    assert "filter norm: geometric mean" in printed and len(table) == 3
+    out = subprocess.run([sys.executable, str(SCRIPT), "--runs", str(runs), "--into", str(doc)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert doc.read_text() == (head + "## Filter norms: the batch-norm effect at one fixed lr\n\n"
+                               + "\n".join(table) + "\n\nAfter.\n")
+    assert "1 rows under" in out.stdout and "filter norm: geometric mean" not in out.stdout
+
+
 def test_a_data_free_init_is_rebuilt_exactly_as_train_made_it(fake_cifar10, tmp_path):
     out = tmp_path / "run"
     cfg = TrainConfig(data=str(fake_cifar10), out=str(out), width=0.25, batch_size=8, iterations=4, eval_every=4,

@@ -6,6 +6,7 @@ replaces only the first table of the named section.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -44,3 +45,21 @@ def replace_table(doc: Path, heading: str, table: list[str]) -> int:
     tmp.write_text("".join(new))
     tmp.replace(doc)  # whole or not at all: an interrupted refresh leaves the document as it was
     return len(table)
+
+
+def add_into_args(parser: argparse.ArgumentParser, section: str) -> None:
+    """``--into DOC`` and ``--section HEADING`` (default ``section``): the two scripts' shared options."""
+    parser.add_argument("--into", type=Path, metavar="DOC", help="replace the table under --section in DOC instead of printing")
+    parser.add_argument("--section", default=section, help="the heading (a whole line) whose table --into replaces")
+
+
+def emit(table: list[str], args: argparse.Namespace, footnote: str = "") -> None:
+    """Write ``table`` under ``args.section`` of ``args.into``, or print it (and ``footnote``, which the
+    document states in its own words) when no ``--into`` was given."""
+    if args.into:
+        n = replace_table(args.into, args.section, table)
+        print(f"{args.into}: {n - 2} rows under {args.section!r}")
+        return
+    print("\n".join(table))
+    if footnote:
+        print("\n" + footnote)

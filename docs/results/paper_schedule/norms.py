@@ -100,11 +100,10 @@ def latest_state(cell: Path) -> tuple[dict | None, int | None]:
 
 
 def main(argv=None) -> int:
+    from _doc import add_into_args, emit  # this folder's helper: run as a script, its folder is on sys.path
     p = argparse.ArgumentParser()
     p.add_argument("--runs", type=Path, default=HERE / "runs")
-    p.add_argument("--into", type=Path, metavar="DOC", help="replace the table under --section in DOC instead of printing")
-    p.add_argument("--section", default="## Filter norms: the batch-norm effect at one fixed lr",
-                   help="the heading (a whole line) whose table --into replaces")
+    add_into_args(p, "## Filter norms: the batch-norm effect at one fixed lr")
     a = p.parse_args(argv)
     if not a.runs.is_dir():
         sys.exit(f"{a.runs}: no such folder")
@@ -128,14 +127,8 @@ def main(argv=None) -> int:
         rel = "–" if he is None or cfg["optimizer"] != "sgd" else f"{(he / now) ** 2:.2f}"
         at = "final (75,000)" if step is None else f"{step:,}"
         out.append(f"| {name} | {at} | {start} | {now:.3g} | {rel} |")
-    if a.into:
-        from _doc import replace_table  # this folder's helper: run as a script, its folder is on sys.path
-        n = replace_table(a.into, a.section, out)
-        print(f"{a.into}: {n - 2} rows under {a.section!r}")
-        return 0
-    print("\n".join(out))
-    print("\nfilter norm: geometric mean over the 10 BN-fed layers of each layer's mean per-filter L2 norm; "
-          "SGD effective step: (He/SGD bf16's norm / the cell's norm)^2 at the latest weights")
+    emit(out, a, footnote="filter norm: geometric mean over the 10 BN-fed layers of each layer's mean per-filter L2 norm; "
+                          "SGD effective step: (He/SGD bf16's norm / the cell's norm)^2 at the latest weights")
     return 0
 
 

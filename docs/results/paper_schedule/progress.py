@@ -27,12 +27,12 @@ HERE = Path(__file__).resolve().parent
 
 
 def main(argv=None) -> int:
+    from _doc import add_into_args, emit  # this folder's helper: run as a script, its folder is on sys.path
     p = argparse.ArgumentParser()
     p.add_argument("--runs", type=Path, default=HERE / "runs")
     p.add_argument("--at", type=int, nargs="*", default=[], metavar="STEP", help="also the test accuracy at these iterations")
     p.add_argument("--tail", type=int, default=0, metavar="K", help="also the mean and sd of the last K evaluations")
-    p.add_argument("--into", type=Path, metavar="DOC", help="replace the table under --section in DOC instead of printing")
-    p.add_argument("--section", default="## Table 2 so far", help="the heading (a whole line) whose table --into replaces")
+    add_into_args(p, "## Table 2 so far")
     a = p.parse_args(argv)
     if not a.runs.is_dir():
         sys.exit(f"{a.runs}: no such folder")
@@ -62,12 +62,7 @@ def main(argv=None) -> int:
                    f"| {low['test_loss']:.3f} ({low['step']:,}) | {last['test_loss']:.3f} | {train_loss:.3f} "
                    f"| {'' if paper is None else f'{100 * paper:.1f}'} |"
                    + "".join(f" {100 * at[n]:.2f} |" if n in at else " – |" for n in a.at) + _tail(evals, a.tail))
-    if a.into:
-        from _doc import replace_table  # this folder's helper: run as a script, its folder is on sys.path
-        n = replace_table(a.into, a.section, out)
-        print(f"{a.into}: {n - 2} rows under {a.section!r}")
-    else:
-        print("\n".join(out))
+    emit(out, a)
     return 0
 
 
