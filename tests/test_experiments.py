@@ -366,8 +366,8 @@ def test_fair_long_settings_keep_their_sources_net_and_recipe():
     assert {"xavier", "kmeans-variance-eps1"} <= set(FAIR_ARCHS["mobilenetv2-long"].compare)
     assert {"lsuv", "kmeans-he-norm"} <= set(FAIR_ARCHS["vgg11-nobn-long"].compare)
     assert FAIR_ARCHS["vgg11-nobn-long"].extra == dict(batch_norm=False)
-    # the settings without BN, and vgg11-long, check each init's neighbouring rates at the long budget
-    assert {n for n, a in longs.items() if a.rate_check} == {"paper-nobn-long", "vgg11-long", "vgg11-nobn-long"}
+    # the settings without BN, vgg11-long and paper-long check each init's neighbouring rates at the long budget
+    assert {n for n, a in longs.items() if a.rate_check} == {"paper-long", "paper-nobn-long", "vgg11-long", "vgg11-nobn-long"}
 
 
 def test_fair_long_zoo_setting_runs_at_the_source_sweeps_rates(capsys, tmp_path):
