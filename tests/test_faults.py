@@ -208,3 +208,16 @@ def test_missing_or_corrupt_config_is_one_line(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "config.json: corrupt" in err[0]
+
+
+def test_a_bad_init_option_fails_before_the_data_is_read(tmp_path, capsys):
+    """--data points nowhere: the error must be the option's, so the option was checked first, and no
+    run folder is made."""
+    out = tmp_path / "run"
+    args = ["train", "--data", str(tmp_path / "nowhere"), "--out", str(out), "--quiet"]
+    assert main(args + ["--init", "kmeans-variance", "--init-option", "zca_eps=abc"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["kmeansinit: error: k-means option zca_eps must be a number, got 'abc'"]
+    assert main(args + ["--init", "he", "--init-option", "zca_eps=1.0"]) == 2
+    assert "init 'he' takes no option 'zca_eps'" in capsys.readouterr().err
+    assert not out.exists()

@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from torch.testing import assert_close
 
 from conftest import lsuv_layer_by_layer
 from kmeansinit import GatedConv2d, InitReport, PaperNet, initialize_, joint_objective, kmeans_init_
-from kmeansinit.init import DATA_FREE, METHODS, RUNS_KMEANS, fans
+from kmeansinit.init import DATA_FREE, METHODS, RUNS_KMEANS, check_options, fans
 from kmeansinit.objectives import cosine_penalty, kmeans_objective
 
 
@@ -206,6 +207,36 @@ def test_bad_inputs_raise_clear_errors():
         initialize_(model, "kaiming")
     with pytest.raises(ValueError, match="needs images"):
         initialize_(model, "kmeans")
+
+
+@pytest.mark.parametrize("method, options, says", [
+    ("kmeans-variance", dict(zca_eps="abc"), "k-means option zca_eps must be a number, got 'abc'"),
+    ("kmeans", dict(steps=True), "k-means option steps must be an integer or None"),
+    ("kmeans", dict(pairs=1), "k-means option pairs must be true or false"),
+    ("kmeans-paper", dict(reduction=3), "k-means option reduction must be a string"),
+    ("he", dict(zca_eps=1.0), "init 'he' takes no option 'zca_eps'"),
+    ("lsuv", dict(tol="0.1"), "lsuv option tol must be a number, got '0.1'"),
+    ("whitening", dict(epsilon=1e-3), "init 'whitening' takes no option 'epsilon'; valid: eps"),
+    ("he-variance-norm", dict(zca_eps="x"), "k-means option zca_eps must be a number"),  # handed to its preset
+    ("kmeans-lsuv", dict(layers="2"), "kmeans-lsuv option layers must be an integer"),
+])
+def test_a_bad_option_is_named_before_any_work(method, options, says):
+    """A mistyped or unknown option fails at once, by name (``initialize_`` and the CLI's --init-option),
+    not as a comparison error from deep inside the init, and leaves the model alone."""
+    model = PaperNet()
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=re.escape(says)):
+        check_options(method, options)
+    with pytest.raises(ValueError, match=re.escape(says)):
+        initialize_(model, method, torch.rand(4, 3, 32, 32), **options)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_good_options_pass_the_check():
+    check_options("kmeans-variance", dict(zca_eps=1, stat_patches=None, layers=["conv1"], progress=False, base=None))
+    check_options("lsuv", dict(tol=0.2, max_iters=3, generator=torch.Generator()))
+    check_options("kmeans-lsuv", dict(layers=2, lloyd_patches=16384, lsuv_options=dict(tol=0.2)))
+    check_options("he-variance-norm", dict(seed=3, whitening="cholesky"))
 
 
 # ---- baselines -------------------------------------------------------------------------------

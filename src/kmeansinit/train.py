@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .data import BatchLoader, Normalizer, load_dataset
 from .distributed import all_reduce_, broadcast_object, cleanup, convert_sync_batchnorm, setup, world
-from .init import DATA_FREE, PRESETS, RUNS_KMEANS, initialize_
+from .init import DATA_FREE, PRESETS, RUNS_KMEANS, check_options, initialize_
 from .models import MODELS, create_model
 
 __all__ = ["TrainConfig", "train", "lr_at", "RunError", "Interrupted", "RECIPES", "VAL_SEED", "split_validation",
@@ -177,6 +177,8 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        # Before any data is read: a misspelt or mistyped --init-option fails at once, by name.
+        check_options(self.init, init_options(self))
 
 
 SCHEDULE_NAMES = ("paper", "step", "cosine", "constant")

@@ -1,12 +1,16 @@
 """Everything that sets weights: baselines, data-dependent peers, k-means, and the ``initialize_`` entry point."""
 from __future__ import annotations
 
+import inspect
+import typing
+
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from .baselines import fans, he_, lsuv_, normal_, whitening_, xavier_
 from .kmeans import KMeansOptions, joint_objective, kmeans_init_, scale_filters_
+from .options import check_type
 from .report import InitReport, LayerReport
 from .controls import he_kmeans_norm_, he_variance_norm_
 from .hybrid import kmeans_lsuv_
@@ -14,7 +18,7 @@ from .hybrid import kmeans_lsuv_
 __all__ = [
     "initialize_", "METHODS", "PRESETS", "DATA_FREE", "kmeans_init_", "KMeansOptions", "joint_objective", "normal_", "xavier_", "he_",
     "lsuv_", "whitening_", "scale_filters_", "fans", "InitReport", "LayerReport", "he_kmeans_norm_",
-    "he_variance_norm_", "kmeans_lsuv_", "RUNS_KMEANS",
+    "he_variance_norm_", "kmeans_lsuv_", "RUNS_KMEANS", "check_options",
 ]
 
 #: k-means presets: keyword arguments of :func:`kmeans_init_`; explicit options override them.
@@ -51,6 +55,33 @@ METHODS = tuple(_DATA_FREE) + tuple(_DATA) + tuple(PRESETS)
 RUNS_KMEANS = tuple(PRESETS) + ("he-variance-norm", "kmeans-lsuv")
 
 
+def check_options(method: str, options: dict) -> None:
+    """Raise ``ValueError`` naming the first of ``options`` that ``method`` does not take, or whose value
+    has the wrong type or range, without touching a model: so a training run can refuse a bad
+    ``--init-option`` before it loads any data."""
+    if method not in METHODS:
+        raise ValueError(f"unknown init method {method!r}; valid: {', '.join(METHODS)}")
+    opts = {k: v for k, v in options.items() if k != "progress"}  # every method takes it
+    if method in PRESETS:
+        base = opts.pop("base", "he")
+        if base not in ("normal", "xavier", "he", None):
+            raise ValueError(f"base must be normal, xavier, he or None, got {base!r}")
+        KMeansOptions().with_overrides(**{**PRESETS[method], **opts}).validate()
+        return
+    fn = {**_DATA_FREE, **_DATA}[method]
+    params, hints = inspect.signature(fn).parameters, typing.get_type_hints(fn)
+    named = [n for n, p in params.items() if n not in ("model", "images")
+             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    rest = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    for key, value in opts.items():
+        if key in named:
+            check_type(f"{method} option {key}", value, hints.get(key))
+        elif not rest:
+            raise ValueError(f"init {method!r} takes no option {key!r}; valid: {', '.join(named) or 'none'}")
+    if rest:  # he-variance-norm and kmeans-lsuv hand their other options to a kmeans-variance run
+        check_options("kmeans-variance", {k: v for k, v in opts.items() if k not in named})
+
+
 def initialize_(model: nn.Module, method: str, images: Tensor | None = None, **options) -> InitReport:
     """Initialize every conv (and linear) layer of ``model`` in place by ``method``; return an :class:`InitReport`.
 
@@ -65,8 +96,7 @@ def initialize_(model: nn.Module, method: str, images: Tensor | None = None, **o
     ``seed``, then set the conv layers by k-means (``include_linear=True`` for linear ones too), so
     the layers k-means leaves alone (linear ones, or those past ``layers=N``) start from a known init.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown init method {method!r}; valid: {', '.join(METHODS)}")
+    check_options(method, options)
     progress = options.pop("progress", None)  # every method takes it; only the k-means ones show a bar
     if method in _DATA_FREE:
         return _DATA_FREE[method](model, **options)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 
 from .scale import SCALES
@@ -9,6 +10,28 @@ from .scale import SCALES
 MODES = ("joint", "layerwise")
 SOLVERS = ("lloyd", "gradient")
 PREPROCESS = ("none", "center", "zca")
+
+
+def check_type(label: str, value, hint) -> None:
+    """``ValueError`` naming ``label`` where ``value`` does not fit the plain type ``hint`` (``int``,
+    ``float``, ``bool``, ``str``, or one of them ``| None``; any other type is not checked). Options
+    often arrive as text (``--init-option zca_eps=abc``): say which one is wrong, not what a comparison
+    deep inside the init raised. A float takes an int; no number takes a bool."""
+    kinds = typing.get_args(hint) or (hint,)
+    if value is None and type(None) in kinds:
+        return
+    if bool in kinds:
+        ok, what = isinstance(value, bool), "true or false"
+    elif float in kinds:
+        ok, what = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif int in kinds:
+        ok, what = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif str in kinds:
+        ok, what = isinstance(value, str), "a string"
+    else:
+        return
+    if not ok:
+        raise ValueError(f"{label} must be {what}{' or None' if type(None) in kinds else ''}, got {value!r}")
 
 
 @dataclass
@@ -136,7 +159,8 @@ class KMeansOptions:
         return dataclasses.replace(self, **kwargs)
 
     def validate(self) -> None:
-        """``ValueError`` naming the first option that is out of range or inconsistent."""
+        """``ValueError`` naming the first option of the wrong type, out of range, or inconsistent."""
+        self._check_types()
         for name, allowed in (("mode", MODES), ("solver", SOLVERS), ("scale", SCALES), ("preprocess", PREPROCESS),
                               ("reduction", ("mean", "sum")), ("unsupported", ("skip", "error")),
                               ("zca_eigh", ("float64", "float32")), ("whitening", ("zca", "cholesky"))):
@@ -159,6 +183,11 @@ class KMeansOptions:
                 raise ValueError(f"lloyd_patches must be a positive int or None, got {self.lloyd_patches!r}")
         if isinstance(self.layers, int) and not isinstance(self.layers, bool) and self.layers < 1:
             raise ValueError(f"layers must be >= 1 when an int, got {self.layers}")
+
+    def _check_types(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            check_type(f"k-means option {f.name}", getattr(self, f.name), hints[f.name])
 
     def resolved(self, world_size: int = 1) -> "KMeansOptions":
         """A validated copy with every ``None`` default filled in (steps, refine_steps, lr, accumulate)."""
