@@ -102,6 +102,14 @@ def test_reproduce_and_report_cli(fake_cifar10, tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
 
 
+def test_seeds_zero_is_refused_not_taken_for_the_default(tmp_path, capsys):
+    """--seeds 0 once ran the default (1, or 3 for fair): an explicit 0 is a one-line error."""
+    for grid in (["table2"], ["fair", "--arch", "paper"]):
+        assert main(["reproduce", *grid, "--seeds", "0", "--out", str(tmp_path / "g"), "--dry-run"]) == 2
+        err = capsys.readouterr()
+        assert err.err.strip() == "kmeansinit: error: seeds must be >= 1, got 0" and "kmeansinit train" not in err.out
+
+
 def test_cells_sharing_an_init_start_after_it_is_done(fake_cifar10, tmp_path):
     # Two jobs, but the Adam cell of a k-means init waits until the SGD cell has finished that init.
     cells = [c for c in tiny_table2(fake_cifar10, tmp_path / "grid") if c.config.init == "kmeans-paper"]

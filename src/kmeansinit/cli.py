@@ -220,7 +220,7 @@ def main(argv=None) -> int:
 
             out = args.out or "runs/fair"
             failed = run_fair(out, args.arch or list(FAIR_ARCHS), args.optimizer or ("sgd", "adam"),
-                              seeds=args.seeds or 3, jobs=args.jobs, dry_run=args.dry_run,
+                              seeds=3 if args.seeds is None else args.seeds, jobs=args.jobs, dry_run=args.dry_run,
                               data=args.data, val=args.val, precision=args.precision or "bf16", stack=args.stack,
                               only=args.only)
         elif args.command == "reproduce":
@@ -230,7 +230,7 @@ def main(argv=None) -> int:
             out = args.out or f"runs/{args.grid}"
             if args.schedule is None:
                 args.schedule = "short"
-            cells = build_grid(args.grid, out=out, schedule=args.schedule, seeds=args.seeds or 1, data=args.data,
+            cells = build_grid(args.grid, out=out, schedule=args.schedule, seeds=1 if args.seeds is None else args.seeds, data=args.data,
                                init=args.init, extra=None if args.iterations is None else dict(iterations=args.iterations),
                                precision=args.precision)
             cells = select_cells(cells, optimizers=args.optimizer, only=args.only, grid=args.grid)

@@ -373,6 +373,8 @@ def run_fair(out, archs, optimizers=("sgd",), *, seeds: int = 3, jobs: int = 2, 
     stacked model (:mod:`kmeansinit.train_stacked`). ``only``: init names; every other init's cells are
     neither run nor read (a later candidate's cells, say, in a folder of their own)."""
     failed = []
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
     for arch in archs:
         if arch not in FAIR_ARCHS:
             raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(FAIR_ARCHS)}")
