@@ -345,9 +345,11 @@ def test_fair_long_setting_borrows_the_paper_sweeps_rates(capsys, tmp_path):
         _finish(c, 0.5 - 0.1 * abs(lrs.index(c.config.lr) - peak[name]))
     args = ["reproduce", "fair", "--arch", "paper-long", "--optimizer", "sgd", "--out", str(out)]
     assert main(args + ["--dry-run"]) == 0
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("python")]
-    assert len(lines) == 3 * 3 and all("--epochs 15.0" in l and "paper-long-sgd/final/" in l for l in lines)
-    assert all(f"--init-cache {out / 'init-cache' / 'paper'}" in l for l in lines)
+    printed = [l for l in capsys.readouterr().out.splitlines() if l.startswith("python")]
+    lines = [l for l in printed if "paper-long-sgd/final/" in l]
+    checks = [l for l in printed if "paper-long-sgd/ratecheck/" in l]  # seed 0 at x0.5 and x2 of each rate
+    assert len(printed) == len(lines) + len(checks) and len(lines) == 3 * 3 and len(checks) == 3 * 2
+    assert all("--epochs 15.0" in l and f"--init-cache {out / 'init-cache' / 'paper'}" in l for l in printed)
     assert sum(f"--lr {lrs[1]:g} " in l for l in lines) == 3 and sum(f"--lr {lrs[2]:g} " in l for l in lines) == 6
     assert not any("he-variance-norm" in l for l in lines) and not (out / "paper-long-sgd").exists()
     assert main(args) == 2  # a real run refuses: one init has no chosen rate yet
