@@ -214,6 +214,7 @@ def test_bad_inputs_raise_clear_errors():
     ("kmeans", dict(steps=True), "k-means option steps must be an integer or None"),
     ("kmeans", dict(pairs=1), "k-means option pairs must be true or false"),
     ("kmeans-paper", dict(reduction=3), "k-means option reduction must be a string"),
+    ("kmeans", dict(base="lsuv"), "base must be normal, xavier, he or None, got 'lsuv'"),
     ("he", dict(zca_eps=1.0), "init 'he' takes no option 'zca_eps'"),
     ("lsuv", dict(tol="0.1"), "lsuv option tol must be a number, got '0.1'"),
     ("whitening", dict(epsilon=1e-3), "init 'whitening' takes no option 'epsilon'; valid: eps"),

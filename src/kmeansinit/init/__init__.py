@@ -106,10 +106,8 @@ def initialize_(model: nn.Module, method: str, images: Tensor | None = None, **o
         options["progress"] = progress
     if method in _DATA:
         return _DATA[method](model, images, **options)
-    base = options.pop("base", "he")
+    base = options.pop("base", "he")  # check_options above has refused any other value
     if base is not None:
-        if base not in ("normal", "xavier", "he"):
-            raise ValueError(f"base must be normal, xavier, he or None, got {base!r}")
         _DATA_FREE[base](model, generator=torch.Generator().manual_seed(options.get("seed", 0)))
     report = kmeans_init_(model, images, **{**PRESETS[method], **options})
     report.method = method
