@@ -376,8 +376,9 @@ def test_fair_long_settings_keep_their_sources_net_and_recipe():
     assert {"xavier", "kmeans-variance-eps1"} <= set(FAIR_ARCHS["mobilenetv2-long"].compare)
     assert {"lsuv", "kmeans-he-norm"} <= set(FAIR_ARCHS["vgg11-nobn-long"].compare)
     assert FAIR_ARCHS["vgg11-nobn-long"].extra == dict(batch_norm=False)
-    # the settings without BN, vgg11-long and paper-long check each init's neighbouring rates at the long budget
-    assert {n for n, a in longs.items() if a.rate_check} == {"paper-long", "paper-nobn-long", "vgg11-long", "vgg11-nobn-long"}
+    # every long setting checks each init's neighbouring rates at the long budget
+    assert {n: a.rate_check for n, a in longs.items()} == {n: (0.5, 2.0) for n in (
+        "paper-long", "paper-nobn-long", "vgg11-long", "mobilenetv2-long", "vgg11-nobn-long")}
 
 
 def test_fair_long_zoo_setting_runs_at_the_source_sweeps_rates(capsys, tmp_path):

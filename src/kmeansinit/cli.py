@@ -152,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--arch", action="append", default=None,
                    help="fair: settings (repeatable; default all: paper, resnet20, vgg11, mobilenetv2, paper-nobn, vgg11-nobn, "
                         "paper-labels2k, and paper-long, paper-nobn-long, vgg11-long, mobilenetv2-long, vgg11-nobn-long: "
-                        "a few inits at their source setting's chosen rates, 5x its final runs' epochs; paper-long, paper-nobn-long, "
-                        "vgg11-long and vgg11-nobn-long also each at x0.5 and x2 its rate, seed 0, extended where a best lies at an end (<setting>/ratecheck), "
+                        "a few inits at their source setting's chosen rates, 5x its final runs' epochs, "
+                        "each also at x0.5 and x2 its rate, seed 0, extended where a best lies at an end (<setting>/ratecheck), "
                         "then more seeds of an init at a better rate found there (<setting>/tuned))")
     r.add_argument("--optimizer", action="append", default=None, choices=["sgd", "adam"],
                    help="run only the cells of these optimizers (repeatable), in the order given; "
