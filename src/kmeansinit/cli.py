@@ -8,7 +8,7 @@ import sys
 
 from .init import METHODS
 
-__all__ = ["main", "build_parser", "train_config_from_args", "stack_configs_from_args"]
+__all__ = ["main", "build_parser", "train_config_from_args", "stack_configs_from_args", "probe_config_from_args"]
 
 
 def _option(text: str):
@@ -80,6 +80,57 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=d.out, help="run folder")
     p.add_argument("--init-cache", default=None, help="folder of finished inits to reuse across runs")
     p.add_argument("--tag", default="", help="a label for grids and reports")
+
+
+def add_probe_arguments(p: argparse.ArgumentParser) -> None:
+    from .models import MODELS
+    from .probe import ProbeConfig
+
+    d = ProbeConfig()
+    p.add_argument("--dataset", choices=["cifar10", "cifar100", "folder"], default=d.dataset)
+    p.add_argument("--data", default=d.data, help="dataset folder or archive (default %(default)s)")
+    p.add_argument("--label", choices=["fine", "coarse"], default=d.label, help="CIFAR-100 labels")
+    p.add_argument("--image-size", type=int, default=None, help="resize image-folder images to N x N")
+    p.add_argument("--model", choices=list(MODELS), default=d.model,
+                   help="network (default coates: Coates et al.'s 1,600 6x6 filters and quadrant pooling)")
+    p.add_argument("--width", type=float, default=d.width, help="width multiplier (coates: 1,600 x width filters)")
+    p.add_argument("--gated", action="store_true", help="GatedConv2d in every conv layer larger than 1x1")
+    p.add_argument("--no-batch-norm", dest="batch_norm", action="store_false", help="the net without BN layers")
+    p.add_argument("--init", choices=list(METHODS), default=d.init)
+    p.add_argument("--init-images", type=int, default=d.init_images, help="images for the init; 0 = all")
+    p.add_argument("--init-option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the init, e.g. zca_eps=1.0 (repeatable)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--val", type=int, default=d.val, help="training images held out to choose the regularizer")
+    p.add_argument("--labels", type=int, default=d.labels,
+                   help="fit the classifier to N labelled images (class-balanced); init and BN see every image (0: all)")
+    p.add_argument("--layer", default=None,
+                   help="module whose output is the feature, e.g. features (default: the last linear layer's input)")
+    p.add_argument("--pool", type=int, default=d.pool, help="average-pool a feature map to N x N (0: flatten it whole)")
+    p.add_argument("--calibrate-images", type=int, default=d.calibrate_images,
+                   help="unlabelled training images that set BN's running statistics (0: leave them)")
+    p.add_argument("--weight-decay", type=float, action="append", default=None, dest="weight_decays",
+                   help=f"an L2 weight to try (repeatable; the best on validation is kept; default {list(d.weight_decays)})")
+    p.add_argument("--max-iter", type=int, default=d.max_iter, help="L-BFGS iterations per weight decay")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per forward pass")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision, help="feature extraction precision")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: all cores)")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--out", default=d.out, help="folder for config.json and results.json")
+
+
+def probe_config_from_args(a: argparse.Namespace):
+    """A ProbeConfig from ``kmeansinit probe``'s parsed arguments."""
+    import dataclasses
+
+    from .probe import ProbeConfig
+
+    names = {f.name for f in dataclasses.fields(ProbeConfig)}
+    kw = {k: v for k, v in vars(a).items() if k in names and v is not None}
+    kw["init_options"] = dict(a.init_option)
+    if a.weight_decays:
+        kw["weight_decays"] = tuple(a.weight_decays)
+    return ProbeConfig(**kw)
 
 
 def train_config_from_args(a: argparse.Namespace):
@@ -165,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                    help="training precision. fair: bf16 by default (faster on CPUs with bf16 units; accuracy parity "
                         "in docs/results/bf16); the other grids: fp32 by default, and bf16 cells are named <row>-bf16")
+    pr = sub.add_parser("probe", help="freeze an initialized net and fit a linear classifier to its features "
+                                      "(Coates et al. 2011; results.json in --out)")
+    add_probe_arguments(pr)
     pk = sub.add_parser("pack", help="write a compact JPEG copy of a dataset (.npz) that --data accepts")
     pk.add_argument("--dataset", choices=["cifar10", "cifar100", "folder"], default="cifar10")
     pk.add_argument("--data", default="../shared/data", help="the dataset to pack (as train's --data)")
@@ -237,6 +291,10 @@ def main(argv=None) -> int:
             failed = run_grid(cells, jobs=args.jobs, dry_run=args.dry_run, stack=args.stack)
             if not args.dry_run:
                 print(f"report: {write_report(out, title=f'{args.grid} ({args.schedule} schedule)')}")
+        elif args.command == "probe":
+            from .probe import probe
+
+            probe(probe_config_from_args(args))
         elif args.command == "pack":
             from .data import load_dataset
             from .packed import pack_dataset

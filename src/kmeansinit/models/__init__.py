@@ -10,13 +10,14 @@ import copy
 import torch.nn as nn
 
 from ..layers import GatedConv2d
+from .coates import SingleLayerNet, coates
 from .mobilenet import MobileNetV2, mobilenetv2
 from .paper import CONV_SPEC, HIDDEN, PaperNet, count_parameters, matching_width
 from .resnet import CifarResNet, resnet20, resnet56
 from .vgg import VGG, vgg11
 
 __all__ = [
-    "MODELS", "create_model", "convert_to_gated", "PaperNet", "CifarResNet", "VGG", "MobileNetV2",
+    "MODELS", "create_model", "convert_to_gated", "PaperNet", "CifarResNet", "VGG", "MobileNetV2", "SingleLayerNet",
     "count_parameters", "matching_width", "CONV_SPEC", "HIDDEN",
 ]
 
@@ -27,10 +28,11 @@ MODELS = {
     "resnet56": resnet56,
     "vgg11": vgg11,
     "mobilenetv2": mobilenetv2,
+    "coates": coates,
 }
 
 #: models that can be built without BN (``batch_norm=False``): the nets where an init's scale matters.
-NO_BN = ("paper", "vgg11")
+NO_BN = ("paper", "vgg11", "coates")
 
 
 def create_model(name: str, num_classes: int = 10, width: float = 1.0, gated: bool = False, *,

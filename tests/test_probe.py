@@ -1,0 +1,176 @@
+"""The linear probe (kmeansinit.probe) and Coates et al.'s single-layer net (kmeansinit.models.coates)."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kmeansinit import initialize_
+from kmeansinit.cli import main
+from kmeansinit.models import PaperNet, SingleLayerNet, count_parameters, create_model
+from kmeansinit.probe import ProbeConfig, calibrate_bn_, extract_features, fit_linear_probe, probe, probe_objective
+
+
+def test_single_layer_net_is_coates_et_al_s_encoder():
+    net = create_model("coates")
+    conv = net.features[0]
+    assert isinstance(net, SingleLayerNet) and (conv.out_channels, conv.kernel_size, conv.stride) == (1600, (6, 6), (1, 1))
+    assert net.classifier.in_features == 4 * 1600  # four quadrants of 1,600 features each
+    # 3*6*6 weights a filter (no bias under BN), 2 BN parameters a filter, 6,400 x 10 + 10 for the classifier.
+    assert count_parameters(net) == 1600 * 108 + 2 * 1600 + 6400 * 10 + 10
+    assert net.features(torch.randn(2, 3, 32, 32)).shape == (2, 6400)
+    small = create_model("coates", width=0.05, batch_norm=False)
+    assert small.features[0].out_channels == 80 and small.features[0].bias is not None
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in small.modules())
+    with pytest.raises(ValueError, match="filters"):
+        SingleLayerNet(filters=0)
+
+
+def test_kmeans_init_clusters_the_single_layer_net():
+    torch.manual_seed(0)
+    net = create_model("coates", width=0.05)
+    report = initialize_(net, "kmeans", torch.rand(16, 3, 32, 32) * 2 - 1, seed=0)
+    assert [r.name for r in report.layers] == ["features.0"] and not report.skipped
+    assert torch.isfinite(net.features[0].weight).all()
+
+
+def _bn_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=0.3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 6 * 6, 5), nn.BatchNorm1d(5), nn.Linear(5, 2))
+
+
+def test_calibrate_bn_sets_the_statistics_of_the_batches_and_restores_the_rest():
+    net = _bn_net()
+    net.eval()
+    params = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "num_batches" not in k}
+    batches = [torch.randn(16, 3, 8, 8) * 3 + 1 for _ in range(3)]
+    calibrate_bn_(net, iter(batches))
+    # Independently: the conv's outputs over each batch; the running mean is the mean of the batch
+    # means, the running variance the mean of the unbiased batch variances.
+    with torch.no_grad():
+        outs = [net[0](b) for b in batches]
+    means = torch.stack([o.mean((0, 2, 3)) for o in outs]).mean(0)
+    vars_ = torch.stack([o.transpose(0, 1).flatten(1).var(1) for o in outs]).mean(0)
+    torch.testing.assert_close(net[1].running_mean, means, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(net[1].running_var, vars_, rtol=1e-5, atol=1e-6)
+    assert net[1].momentum == 0.3 and net[5].momentum == 0.1  # each layer's own momentum is back
+    assert not any(m.training for m in net.modules())  # and the mode
+    for k, v in net.state_dict().items():
+        if k in params:
+            torch.testing.assert_close(v, params[k], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no batches"):
+        calibrate_bn_(net, [])
+    plain = nn.Sequential(nn.Linear(2, 2))
+    assert calibrate_bn_(plain, []) is plain  # nothing to calibrate
+
+
+def test_extract_features_takes_the_classifier_input_or_a_pooled_layer():
+    net = PaperNet(width=0.25)
+    net.train()
+    x = torch.randn(10, 3, 32, 32)
+    f = extract_features(net, x.split(4))
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(f, net.classifier[:-1](net.features(x)))  # what the last linear layer sees
+        pooled = F.adaptive_avg_pool2d(net.features(x), 2).flatten(1)
+        whole = net.features(x).flatten(1)
+    torch.testing.assert_close(extract_features(net, [x], layer="features"), pooled)
+    torch.testing.assert_close(extract_features(net, [x], layer="features", pool=0), whole)
+    net.train()
+    extract_features(net, [x])
+    assert net.training  # the mode is restored
+    with pytest.raises(ValueError, match="layer 'feature' is not a module of PaperNet"):
+        extract_features(net, [x], layer="feature")
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        extract_features(nn.Sequential(nn.Conv2d(3, 2, 3)), [x])
+
+
+def test_fit_linear_probe_reaches_the_optimum_of_its_objective():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(300, 8, generator=g) * 5 + 2, torch.randint(0, 3, (300,), generator=g)
+    x[:, 0] += 4 * y  # one informative feature
+    x[:, 5] = 7.0  # a constant feature stays finite
+    fit = fit_linear_probe(x, y, x[:50], y[:50], weight_decays=(0.01,), max_iter=500)
+    # Optimality, checked by autograd on the standardized features: the gradient vanishes.
+    z = (x - fit.mean) / fit.std
+    w, b = fit.weight.clone().requires_grad_(), fit.bias.clone().requires_grad_()
+    gw, gb = torch.autograd.grad(probe_objective(z, y, w, b, 0.01), (w, b))
+    assert gw.abs().max() < 1e-4 and gb.abs().max() < 1e-4
+    torch.testing.assert_close(fit.mean, x.mean(0))
+    assert torch.isfinite(fit.weight).all() and fit.weight[:, 5].abs().max() < 1e-6
+    # and the objective there is below that of small perturbations of the solution
+    best = probe_objective(z, y, fit.weight, fit.bias, 0.01)
+    for _ in range(5):
+        assert probe_objective(z, y, fit.weight + 1e-2 * torch.randn_like(fit.weight), fit.bias, 0.01) > best
+
+
+def test_fit_linear_probe_keeps_the_weight_decay_best_on_validation():
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(4, 20, generator=g) * 3
+    y = torch.randint(0, 4, (400,), generator=g)
+    x = centres[y] + torch.randn(400, 20, generator=g)
+    fit = fit_linear_probe(x[:300], y[:300], x[300:], y[300:], weight_decays=(1e-4, 10.0, 1e-2))
+    assert set(fit.val_accuracy) == {"0.0001", "10.0", "0.01"}
+    assert fit.val_accuracy[str(fit.weight_decay)] == max(fit.val_accuracy.values())
+    assert fit.accuracy(x[300:], y[300:]) == fit.val_accuracy[str(fit.weight_decay)] > 0.95  # separable clusters
+    again = fit_linear_probe(x[:300], y[:300], x[300:], y[300:], weight_decays=(1e-4, 10.0, 1e-2))
+    torch.testing.assert_close(again.weight, fit.weight, rtol=0, atol=0)  # deterministic
+    with pytest.raises(ValueError, match=r"validation features must be \(M, 20\)"):
+        fit_linear_probe(x, y, x[:, :3], y)
+    with pytest.raises(ValueError, match="weight_decays"):
+        fit_linear_probe(x, y, x, y, weight_decays=())
+
+
+def test_probe_writes_its_configuration_and_results(fake_cifar10, tmp_path):
+    cfg = ProbeConfig(data=str(fake_cifar10), model="coates", width=0.02, init="kmeans", init_images=16, val=20,
+                      labels=20, calibrate_images=30, weight_decays=(1e-3, 1e-1), max_iter=20, out=str(tmp_path / "p"))
+    results = probe(cfg, log=lambda line: None)
+    saved = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert saved["labels"] == 20 and saved["features"] == 4 * 32 and saved["weight_decay"] in (1e-3, 1e-1)
+    assert 0 <= saved["test_acc"] <= 1 and saved["init_report"]["layers"][0]["name"] == "features.0"
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert config["init"] == "kmeans" and config["weight_decays"] == [1e-3, 1e-1] and config["labels"] == 20
+    with pytest.raises(RuntimeError, match="already holds a probe"):
+        probe(cfg, log=lambda line: None)
+
+
+def test_probe_config_maps_onto_the_training_config_of_the_same_run():
+    """The probe prepares data and runs the init through training's own functions, so it sees the
+    init a `kmeansinit train` run of the same model, init, seed and split starts from."""
+    from kmeansinit.train import TrainConfig
+
+    cfg = ProbeConfig(model="paper", width=0.5, init="kmeans-variance", init_options=dict(zca_eps=1.0), val=20,
+                      labels=100, seed=3, batch_norm=False)
+    tcfg = cfg.train_config()
+    assert isinstance(tcfg, TrainConfig)
+    for name in ("model", "width", "init", "init_options", "val", "labels", "seed", "batch_norm", "init_images", "data"):
+        assert getattr(tcfg, name) == getattr(cfg, name), name
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--layer", "featurez", "--model", "paper"], "layer 'featurez' is not a module of PaperNet"),
+    (["--val", "0"], "val must be >= 1"),
+    (["--init-option", "zca_eps=abc"], "zca_eps must be a number"),
+    (["--weight-decay", "-1"], "weight_decays must be one or more numbers >= 0"),
+])
+def test_probe_cli_bad_input_is_one_line_and_writes_nothing(fake_cifar10, tmp_path, capsys, args, message):
+    out = tmp_path / "p"
+    rc = main(["probe", "--data", str(fake_cifar10), "--width", "0.02", "--init-images", "8", "--val", "20",
+               "--out", str(out), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0]
+    assert not (out / "results.json").exists() and not (out / "config.json").exists()
+
+
+def test_probe_cli_runs(fake_cifar10, tmp_path, capsys):
+    out = tmp_path / "p"
+    rc = main(["probe", "--data", str(fake_cifar10), "--model", "paper", "--width", "0.25", "--init", "he",
+               "--layer", "features", "--val", "20", "--calibrate-images", "0", "--weight-decay", "0.01",
+               "--max-iter", "10", "--out", str(out)])
+    assert rc == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["features"] == 32 * 4 and list(saved["val_accuracy_by_weight_decay"]) == ["0.01"]
+    assert "validation" in capsys.readouterr().out
