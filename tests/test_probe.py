@@ -174,3 +174,39 @@ def test_probe_cli_runs(fake_cifar10, tmp_path, capsys):
     saved = json.loads((out / "results.json").read_text())
     assert saved["features"] == 32 * 4 and list(saved["val_accuracy_by_weight_decay"]) == ["0.01"]
     assert "validation" in capsys.readouterr().out
+
+
+def _write_probe(root, setting, init, seed, val, test, features=512, labels=2000, wd=1e-3):
+    d = root / setting / init / f"s{seed}"
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps(dict(model="paper", features=features, labels=labels, weight_decay=wd,
+                                                    val_acc=val, test_acc=test)))
+
+
+def test_probe_report_tables_each_init_and_compares_the_best_kmeans_init_with_the_best_other(tmp_path, capsys):
+    import statistics
+
+    runs = {"he": ([0.50, 0.52, 0.51], [0.49, 0.50, 0.51]), "kmeans": ([0.60, 0.61, 0.62], [0.60, 0.59, 0.61]),
+            "kmeans-layerwise": ([0.40, 0.41], [0.40, 0.42]), "lsuv": ([0.53, 0.54], [0.52, 0.52])}
+    for init, (vals, tests) in runs.items():
+        for s, (v, t) in enumerate(zip(vals, tests)):
+            _write_probe(tmp_path, "paper-labels2k", init, s, v, t)
+    assert main(["report", str(tmp_path)]) == 0
+    text = (tmp_path / "probe.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| init")]
+    assert [r.split(" | ")[0][2:] for r in rows] == ["kmeans", "lsuv", "he", "kmeans-layerwise"]  # best first
+    sd = statistics.stdev([60, 61, 62])
+    assert rows[0].startswith(f"| kmeans | 3 | 61.0 ± {sd:.1f} |") and "512 features, 2000 labelled images" in text
+    # kmeans (61.0) against the best other init, LSUV (53.5): +7.5 on validation, beyond the noise
+    from scipy import stats
+
+    p = stats.ttest_ind([60, 61, 62], [53, 54], equal_var=False).pvalue
+    assert f"`kmeans` vs `lsuv`, validation: +7.5 points" in text and f"Welch p = {p:.3f}): ahead of it" in text
+    assert "`kmeans` vs `lsuv`, test: +8.0 points" in text
+    bad = tmp_path / "x" / "he" / "s0"
+    bad.mkdir(parents=True)
+    (bad / "results.json").write_text("{}")
+    capsys.readouterr()
+    assert main(["report", str(tmp_path)]) == 2  # a file without the accuracies is named, one line
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{bad / 'results.json'}: not a probe's results" in err[0]

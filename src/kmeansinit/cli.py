@@ -232,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     ar.add_argument("--checkpoints", action="store_true",
                     help="also copy each unfinished run with its newest checkpoint, so --resume goes on from the copy")
     ar.add_argument("--weights", action="store_true", help="also copy each finished run's final.pt")
-    rep = sub.add_parser("report", help="write report.md, curves.png, filters.png from run folders")
+    rep = sub.add_parser("report", help="write report.md, curves.png, filters.png from run folders "
+                                          "(fair.md for `reproduce fair`, probe.md for probe runs)")
     rep.add_argument("dir")
     rep.add_argument("--title", default=None)
     return p
@@ -312,7 +313,13 @@ def main(argv=None) -> int:
         elif args.command == "report":
             from pathlib import Path
 
-            if any((d / "sweep").is_dir() for d in Path(args.dir).glob("*-*")):  # a `reproduce fair` folder
+            from .report_probe import is_probe_folder
+
+            if is_probe_folder(args.dir):  # runs of `kmeansinit probe`
+                from .report_probe import write_probe_report
+
+                print(write_probe_report(args.dir))
+            elif any((d / "sweep").is_dir() for d in Path(args.dir).glob("*-*")):  # a `reproduce fair` folder
                 from .report_fair import write_fair_report
 
                 print(write_fair_report(args.dir))

@@ -282,6 +282,7 @@ def probe(cfg: ProbeConfig, *, dataset=None, log=print) -> dict:
     feats = {}
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         if cfg.calibrate_images:
+            log(f"probe: BN statistics from {min(cfg.calibrate_images, len(pool.train_x))} unlabelled images ...")
             idx = torch.randperm(len(pool.train_x), generator=torch.Generator().manual_seed(cfg.seed))
             calibrate_bn_(model, feed(pool.train_x[idx[:cfg.calibrate_images]]))
         for name, x in (("train", ds.train_x), ("val", ds.val_x), ("test", ds.test_x)):
