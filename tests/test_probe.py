@@ -92,7 +92,7 @@ def test_fit_linear_probe_reaches_the_optimum_of_its_objective():
     x, y = torch.randn(300, 8, generator=g) * 5 + 2, torch.randint(0, 3, (300,), generator=g)
     x[:, 0] += 4 * y  # one informative feature
     x[:, 5] = 7.0  # a constant feature stays finite
-    fit = fit_linear_probe(x, y, x[:50], y[:50], weight_decays=(0.01,), max_iter=500)
+    fit = fit_linear_probe(x, y, x[:50], y[:50], weight_decays=(0.01,), max_iter=500, extend=0)
     # Optimality, checked by autograd on the standardized features: the gradient vanishes.
     z = (x - fit.mean) / fit.std
     w, b = fit.weight.clone().requires_grad_(), fit.bias.clone().requires_grad_()
@@ -111,11 +111,15 @@ def test_fit_linear_probe_keeps_the_weight_decay_best_on_validation():
     centres = torch.randn(4, 20, generator=g) * 3
     y = torch.randint(0, 4, (400,), generator=g)
     x = centres[y] + torch.randn(400, 20, generator=g)
-    fit = fit_linear_probe(x[:300], y[:300], x[300:], y[300:], weight_decays=(1e-4, 10.0, 1e-2))
-    assert set(fit.val_accuracy) == {"0.0001", "10.0", "0.01"}
-    assert fit.val_accuracy[str(fit.weight_decay)] == max(fit.val_accuracy.values())
-    assert fit.accuracy(x[300:], y[300:]) == fit.val_accuracy[str(fit.weight_decay)] > 0.95  # separable clusters
-    again = fit_linear_probe(x[:300], y[:300], x[300:], y[300:], weight_decays=(1e-4, 10.0, 1e-2))
+    fit = fit_linear_probe(x[:300], y[:300], x[300:], y[300:], weight_decays=(1e-4, 10.0, 1e-2), extend=0)
+    assert set(fit.val_accuracy) == {"0.0001", "10", "0.01"}
+    assert fit.val_accuracy[f"{fit.weight_decay:g}"] == max(fit.val_accuracy.values())
+    assert fit.accuracy(x[300:], y[300:]) == fit.val_accuracy[f"{fit.weight_decay:g}"] > 0.95  # separable clusters
+    # A best weight at the end of those tried is followed past it: at 1e3 every weight is pulled to 0,
+    # so 1e4 and 1e5 tie with it and the larger wins a tie.
+    far = fit_linear_probe(x[:300], y[:300], x[300:], y[300:], weight_decays=(1e3,), extend=2)
+    assert set(far.val_accuracy) == {"1000", "10000", "100000"} and far.weight_decay == 1e5
+    again = fit_linear_probe(x[:300], y[:300], x[300:], y[300:], weight_decays=(1e-4, 10.0, 1e-2), extend=0)
     torch.testing.assert_close(again.weight, fit.weight, rtol=0, atol=0)  # deterministic
     with pytest.raises(ValueError, match=r"validation features must be \(M, 20\)"):
         fit_linear_probe(x, y, x[:, :3], y)
@@ -168,7 +172,7 @@ def test_probe_cli_bad_input_is_one_line_and_writes_nothing(fake_cifar10, tmp_pa
 def test_probe_cli_runs(fake_cifar10, tmp_path, capsys):
     out = tmp_path / "p"
     rc = main(["probe", "--data", str(fake_cifar10), "--model", "paper", "--width", "0.25", "--init", "he",
-               "--layer", "features", "--val", "20", "--calibrate-images", "0", "--weight-decay", "0.01",
+               "--layer", "features", "--val", "20", "--calibrate-images", "0", "--weight-decay", "0.01", "--extend", "0",
                "--max-iter", "10", "--out", str(out)])
     assert rc == 0
     saved = json.loads((out / "results.json").read_text())

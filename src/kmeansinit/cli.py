@@ -111,6 +111,8 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
                    help="unlabelled training images that set BN's running statistics (0: leave them)")
     p.add_argument("--weight-decay", type=float, action="append", default=None, dest="weight_decays",
                    help=f"an L2 weight to try (repeatable; the best on validation is kept; default {list(d.weight_decays)})")
+    p.add_argument("--extend", type=int, default=d.extend,
+                   help="more weight decays (x10 steps) tried past an end of those given where the best lies")
     p.add_argument("--max-iter", type=int, default=d.max_iter, help="L-BFGS iterations per weight decay")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per forward pass")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision, help="feature extraction precision")

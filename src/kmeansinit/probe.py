@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ class ProbeConfig:
     pool: int = 2  # a feature map (N, C, H, W) is average-pooled to pool x pool (0: flattened whole)
     calibrate_images: int = 5000  # unlabelled training images that set BN's running statistics (0: keep them)
     weight_decays: tuple = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # L2 weights tried; the best on validation is kept
+    extend: int = 2  # more weight decays tried (x10 steps) past an end of weight_decays where the best lies
     max_iter: int = 300  # L-BFGS iterations per weight decay
     batch_size: int = 500  # images per forward pass
     precision: str = "fp32"  # fp32 | bf16 (autocast while extracting features)
@@ -73,6 +75,7 @@ class ProbeConfig:
             (len(self.weight_decays) > 0 and all(isinstance(w, (int, float)) and w >= 0 for w in self.weight_decays),
              f"weight_decays must be one or more numbers >= 0, got {list(self.weight_decays)}"),
             (self.max_iter >= 1 and self.batch_size >= 1, "max_iter and batch_size must be >= 1"),
+            (self.extend >= 0, f"extend must be >= 0, got {self.extend}"),
             (self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}"),
             (self.width > 0, f"width must be > 0, got {self.width}"),
             (self.init_images >= 0, f"init_images must be >= 0, got {self.init_images}"),
@@ -201,10 +204,11 @@ def probe_objective(z: Tensor, y: Tensor, weight: Tensor, bias: Tensor, weight_d
 
 
 def fit_linear_probe(x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor, *, weight_decays=(1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
-                     max_iter: int = 300, num_classes: int | None = None, log=None) -> LinearProbe:
+                     max_iter: int = 300, extend: int = 2, num_classes: int | None = None, log=None) -> LinearProbe:
     """Fit a multinomial logistic regression to features ``x`` (``(N, D)``) and labels ``y``, once per
     L2 weight in ``weight_decays``, and keep the one most accurate on ``(x_val, y_val)`` (the larger
-    weight on a tie).
+    weight on a tie). Where that is the largest (smallest, if above 0) weight tried, up to ``extend``
+    more fits go on past it by factors of 10 while the best stays at the end.
 
     Features are standardized by their training mean and standard deviation; each fit minimizes
     :func:`probe_objective` by full-batch L-BFGS (strong Wolfe line search) from the previous,
@@ -222,10 +226,14 @@ def fit_linear_probe(x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor, *, weig
     mean = x.mean(0)
     std = x.std(0).clamp_min(1e-6)  # a constant feature (a dead unit) stays 0, not NaN
     z, z_val = (x - mean) / std, (x_val - mean) / std
-    weight = torch.zeros(k, x.shape[1], requires_grad=True)
-    bias = torch.zeros(k, requires_grad=True)
-    best, accs = None, {}
-    for wd in sorted(weight_decays, reverse=True):
+    fits: dict = {}  # weight decay -> (validation accuracy, weight, bias)
+
+    def fit(wd: float) -> None:
+        # Warm start from the solved weight decay nearest to this one (the optimum does not depend on
+        # the start: the objective is strictly convex for wd > 0).
+        near = min(fits, key=lambda v: abs(math.log10(max(v, 1e-30)) - math.log10(max(wd, 1e-30))), default=None)
+        weight = (fits[near][1].clone() if near is not None else torch.zeros(k, x.shape[1])).requires_grad_()
+        bias = (fits[near][2].clone() if near is not None else torch.zeros(k)).requires_grad_()
         opt = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-7,
                                 tolerance_change=1e-10, line_search_fn="strong_wolfe")
 
@@ -238,14 +246,26 @@ def fit_linear_probe(x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor, *, weig
         with torch.enable_grad():
             opt.step(closure)
         with torch.no_grad():
-            acc = _accuracy(z_val @ weight.T + bias, y_val)
-        accs[wd] = acc
+            fits[wd] = (_accuracy(z_val @ weight.T + bias, y_val), weight.detach(), bias.detach())
         if log:
-            log(f"probe: weight decay {wd:g}: validation accuracy {acc:.4f}")
-        if best is None or acc > best[0]:
-            best = (acc, wd, weight.detach().clone(), bias.detach().clone())
-    _, wd, w, b = best
-    return LinearProbe(mean, std, w, b, wd, {str(k_): v for k_, v in sorted(accs.items())})
+            log(f"probe: weight decay {wd:g}: validation accuracy {fits[wd][0]:.4f}")
+
+    for wd in sorted(set(weight_decays), reverse=True):
+        fit(wd)
+    # A best weight at an end of those tried may not be the best there is: go on past that end, a
+    # factor of 10 at a time, while it stays the best (at most ``extend`` more fits).
+    for _ in range(extend):
+        best = max(fits, key=lambda v: (fits[v][0], v))
+        if best == max(fits):
+            fit(float(f"{best * 10:g}"))  # 1e-05 * 10 read as 0.0001, not 0.00010000000000000002
+        elif best == min(fits) and best > 0:
+            fit(float(f"{best / 10:g}"))
+        else:
+            break
+    wd = max(fits, key=lambda v: (fits[v][0], v))  # the larger weight on a tie
+    _, w, b = fits[wd]
+    accs = {v: a for v, (a, _, _) in fits.items()}
+    return LinearProbe(mean, std, w, b, wd, {f"{k_:g}": v for k_, v in sorted(accs.items())})
 
 
 def probe(cfg: ProbeConfig, *, dataset=None, log=print) -> dict:
@@ -291,7 +311,7 @@ def probe(cfg: ProbeConfig, *, dataset=None, log=print) -> dict:
             feats[name] = extract_features(model, feed(x), layer=cfg.layer, pool=cfg.pool)
             log(f"probe: {name} features {tuple(feats[name].shape)} in {time.perf_counter() - t:.1f} s")
     fit = fit_linear_probe(feats["train"], ds.train_y, feats["val"], ds.val_y, weight_decays=cfg.weight_decays,
-                           max_iter=cfg.max_iter, num_classes=ds.num_classes, log=log)
+                           max_iter=cfg.max_iter, extend=cfg.extend, num_classes=ds.num_classes, log=log)
     results = dict(
         init=cfg.init, model=cfg.model, labels=len(ds.train_y), features=feats["train"].shape[1],
         weight_decay=fit.weight_decay, val_accuracy_by_weight_decay=fit.val_accuracy,
