@@ -79,8 +79,9 @@ def test_extract_features_takes_the_classifier_input_or_a_pooled_layer():
     torch.testing.assert_close(extract_features(net, [x], layer="features"), pooled)
     torch.testing.assert_close(extract_features(net, [x], layer="features", pool=0), whole)
     net.train()
+    net.features[1].eval()  # a mixed state: one BN in eval mode in a net in training mode
     extract_features(net, [x])
-    assert net.training  # the mode is restored
+    assert net.training and not net.features[1].training and net.features[4].training  # each mode restored
     with pytest.raises(ValueError, match="layer 'feature' is not a module of PaperNet"):
         extract_features(net, [x], layer="feature")
     with pytest.raises(ValueError, match="no nn.Linear"):

@@ -161,7 +161,7 @@ def extract_features(model: nn.Module, batches, *, layer: str | None = None, poo
             t = F.adaptive_avg_pool2d(t.float(), pool)
         got.append(t.float().flatten(1).cpu())
 
-    mode = model.training
+    modes = {m: m.training for m in model.modules()}
     handle = module.register_forward_hook(hook)
     try:
         model.eval()
@@ -169,7 +169,8 @@ def extract_features(model: nn.Module, batches, *, layer: str | None = None, poo
             model(xb)
     finally:
         handle.remove()
-        model.train(mode)
+        for m, mode in modes.items():  # each module's own mode, as calibrate_bn_ restores it
+            m.training = mode
     if not got:
         raise ValueError("extract_features: no batches given")
     return torch.cat(got)

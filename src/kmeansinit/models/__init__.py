@@ -38,7 +38,7 @@ NO_BN = ("paper", "vgg11", "coates")
 def create_model(name: str, num_classes: int = 10, width: float = 1.0, gated: bool = False, *,
                  in_channels: int = 3, device=None, dtype=None, batch_norm: bool = True) -> nn.Module:
     """A zoo model by name (see :data:`MODELS`); ``gated=True`` makes its k x k convs (k > 1) gated;
-    ``batch_norm=False`` (PaperNet and VGG-11) builds it without BN layers."""
+    ``batch_norm=False`` (PaperNet, VGG-11, the single-layer net) builds it without BN layers."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     if name == "paper":  # PaperNet builds its gated form itself (the reference layout of Table 1)

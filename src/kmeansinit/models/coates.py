@@ -2,8 +2,8 @@
 
 Coates et al. learn 1,600 filters of 6 x 6 pixels by k-means on whitened patches, encode every
 position of an image with them (stride 1), sum-pool each of the four quadrants and fit a linear
-classifier to the 6,400 features: about 79% on CIFAR-10, the classic case where k-means filters
-beat random ones. Here the encoder is ``conv -> BN -> ReLU`` (BN's shift is the threshold of
+classifier to the 6,400 features: 77.9% on CIFAR-10 (79.6% with 4,000 filters), the classic case
+where k-means filters beat random ones. Here the encoder is ``conv -> BN -> ReLU`` (BN's shift is the threshold of
 their soft encoders), the pooling a 2 x 2 average, and the classifier a linear layer, so the same
 net can be initialized by any method of :func:`kmeansinit.initialize_`, probed with its conv frozen
 (:mod:`kmeansinit.probe`), or trained end to end.
