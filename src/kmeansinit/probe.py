@@ -63,27 +63,21 @@ class ProbeConfig:
     out: str = "runs/probe"
 
     def validate(self) -> None:
-        from .init import check_options
-        from .models import MODELS
-
+        # The fields it shares with TrainConfig (model, width, init and its options, precision, ...)
+        # are checked by TrainConfig's own validate, with its messages; then the probe's own.
+        self.train_config().validate()
         checks = [
-            (self.model in MODELS, f"model must be one of {', '.join(MODELS)}, got {self.model!r}"),
             (self.val >= 1, f"val must be >= 1 (the probe chooses its regularizer on it), got {self.val}"),
-            (self.labels >= 0, f"labels must be >= 0, got {self.labels}"),
             (self.pool >= 0, f"pool must be >= 0, got {self.pool}"),
             (self.calibrate_images >= 0, f"calibrate_images must be >= 0, got {self.calibrate_images}"),
             (len(self.weight_decays) > 0 and all(isinstance(w, (int, float)) and w >= 0 for w in self.weight_decays),
              f"weight_decays must be one or more numbers >= 0, got {list(self.weight_decays)}"),
             (self.max_iter >= 1 and self.batch_size >= 1, "max_iter and batch_size must be >= 1"),
             (self.extend >= 0, f"extend must be >= 0, got {self.extend}"),
-            (self.precision in ("fp32", "bf16"), f"precision must be fp32 or bf16, got {self.precision!r}"),
-            (self.width > 0, f"width must be > 0, got {self.width}"),
-            (self.init_images >= 0, f"init_images must be >= 0, got {self.init_images}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
-        check_options(self.init, dict(self.init_options))
 
     def train_config(self):
         """The :class:`~kmeansinit.train.TrainConfig` of the same data, model and init (the probe
