@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .data import BatchLoader, Normalizer, load_dataset
 from .distributed import all_reduce_, broadcast_object, cleanup, convert_sync_batchnorm, setup, world
-from .init import DATA_FREE, PRESETS, RUNS_KMEANS, check_options, initialize_
+from .init import DATA_FREE, RUNS_KMEANS, check_options, initialize_, seeded_options
 from .models import MODELS, create_model
 
 __all__ = ["TrainConfig", "train", "lr_at", "RunError", "Interrupted", "RECIPES", "VAL_SEED", "split_validation",
@@ -714,10 +714,7 @@ def _init(model: nn.Module, cfg: TrainConfig, ds, norm: Normalizer, device, prog
 
 def init_options(cfg: TrainConfig, progress: bool = False) -> dict:
     """The keyword options a run passes to ``initialize_``: its ``init_options`` and its seed."""
-    options = dict(cfg.init_options)
-    if cfg.init in RUNS_KMEANS:  # the k-means init's seed: a control's copy gets its own cell's
-        options.setdefault("seed", cfg.seed)
+    options = seeded_options(cfg.init, cfg.init_options, cfg.seed)  # a control's k-means copy gets its own cell's seed
+    if cfg.init in RUNS_KMEANS:
         options.setdefault("progress", progress)
-    if cfg.init not in PRESETS:  # the presets seed their base init from `seed`
-        options.setdefault("generator", torch.Generator().manual_seed(cfg.seed))
     return options

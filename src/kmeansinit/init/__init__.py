@@ -18,7 +18,7 @@ from .hybrid import kmeans_lsuv_
 __all__ = [
     "initialize_", "METHODS", "PRESETS", "DATA_FREE", "kmeans_init_", "KMeansOptions", "joint_objective", "normal_", "xavier_", "he_",
     "lsuv_", "whitening_", "scale_filters_", "fans", "InitReport", "LayerReport", "he_kmeans_norm_",
-    "he_variance_norm_", "kmeans_lsuv_", "RUNS_KMEANS", "check_options",
+    "he_variance_norm_", "kmeans_lsuv_", "RUNS_KMEANS", "check_options", "seeded_options",
 ]
 
 #: k-means presets: keyword arguments of :func:`kmeans_init_`; explicit options override them.
@@ -80,6 +80,18 @@ def check_options(method: str, options: dict) -> None:
             raise ValueError(f"init {method!r} takes no option {key!r}; valid: {', '.join(named) or 'none'}")
     if rest:  # he-variance-norm and kmeans-lsuv hand their other options to a kmeans-variance run
         check_options("kmeans-variance", {k: v for k, v in opts.items() if k not in named})
+
+
+def seeded_options(method: str, options: dict, seed: int) -> dict:
+    """``options`` with ``seed`` filled in where ``method`` takes one: the k-means init's ``seed``
+    (presets, controls, hybrid) and the ``generator`` of every other init (the presets seed their base
+    init from ``seed``). Values already in ``options`` win. So one integer seeds any method."""
+    out = dict(options)
+    if method in RUNS_KMEANS:
+        out.setdefault("seed", seed)
+    if method not in PRESETS:
+        out.setdefault("generator", torch.Generator().manual_seed(seed))
+    return out
 
 
 def initialize_(model: nn.Module, method: str, images: Tensor | None = None, **options) -> InitReport:

@@ -1,0 +1,230 @@
+"""Compare inits on a net and training loop of your own, each init at its own best learning rate.
+
+The protocol of :mod:`kmeansinit.fair` (docs/results/fair.md) for code we did not write: an init
+that wins at one fixed learning rate may only be taking a larger step (with BN a filter's norm sets
+its effective rate), so every init gets its own rate, chosen on a validation score you compute.
+
+1. Sweep: for each init, seed 0 at every rate of ``lrs``; where the best rate lies at an end of
+   the rates tried, the next rate beyond it (the ratio of the two rates at that end) is tried too,
+   up to ``extend`` times, so that a best rate lies inside the range it was chosen from.
+2. Measure: seeds ``1..seeds`` at that init's best rate. Seed 0 only chooses, so no run both
+   chooses a rate and measures it (the sweep's best score is biased upward by the choice).
+
+You supply ``build(seed) -> nn.Module`` (a fresh, untrained model) and ``fit(model, lr, seed) ->
+float`` (train it, return a validation score, higher is better: accuracy, or minus a loss). Here
+each model is initialized by :func:`kmeansinit.initialize_` with the given seed before ``fit``
+sees it. With ``path`` every finished run is written to a JSON file at once, and a later call with
+the same file skips the runs it holds: an interrupted comparison loses at most the run in flight.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch.nn as nn
+from torch import Tensor
+
+from .init import DATA_FREE, check_options, initialize_, seeded_options
+from .report_fair import _stats, _welch
+
+__all__ = ["compare_inits", "Comparison", "BASELINE_METHODS"]
+
+#: Methods that are not k-means inits: the rows :meth:`Comparison.table` measures the others against.
+BASELINE_METHODS = ("normal", "xavier", "he", "lsuv", "whitening")
+
+
+@dataclass
+class Comparison:
+    """What :func:`compare_inits` ran: every run, each init's chosen rate and its measured scores."""
+
+    inits: dict  # label -> {"init": method, **options}
+    runs: list = field(default_factory=list)  # {"init", "lr", "seed", "score"} in the order run (or read)
+    best_lr: dict = field(default_factory=dict)  # label -> rate chosen on seed 0
+    at_edge: dict = field(default_factory=dict)  # label -> True where the best rate is still an end of the rates tried
+    scores: dict = field(default_factory=dict)  # label -> scores of seeds 1..n at its best rate (NaN/inf: diverged)
+
+    def sweep(self, label: str) -> dict:
+        """{rate: score} of ``label``'s seed-0 runs."""
+        return {r["lr"]: r["score"] for r in self.runs if r["init"] == label and r["seed"] == 0}
+
+    def table(self) -> str:
+        """A markdown table, best mean first: each init's rate, its seeds' score (mean ± sd) and its
+        difference from the best baseline (an init of :data:`BASELINE_METHODS`) by Welch's t-test.
+        Diverged seeds (a score that is not finite) are counted, not averaged."""
+        finite = {k: [x for x in v if math.isfinite(x)] for k, v in self.scores.items()}
+        stats = {k: _stats(v) for k, v in finite.items() if v}
+        bases = [k for k in stats if self.inits[k]["init"] in BASELINE_METHODS]
+        best = max(bases, key=lambda k: stats[k]["mean"]) if bases else None
+        rows = ["| init | best lr | seeds | score | vs best baseline (Welch p) |", "|---|---|---|---|---|"]
+        for k in sorted(self.scores, key=lambda k: -stats[k]["mean"] if k in stats else math.inf):
+            s, failed = stats.get(k), len(self.scores[k]) - len(finite[k])
+            n = f"{len(finite[k])}" + (f" (+{failed} diverged)" if failed else "")
+            edge = " (at an end)" if self.at_edge.get(k) else ""
+            if s is None:
+                rows.append(f"| {k} | {self.best_lr[k]:g}{edge} | {n} | – | – |")
+                continue
+            score = f"{s['mean']:.4g}" + (f" ± {s['sd']:.2g}" if s["n"] > 1 else "")
+            if best is None or k == best:
+                vs = "best baseline" if k == best else "–"
+            else:
+                diff, _, p = _welch(s, stats[best])
+                vs = f"{diff:+.4g}" + (f" (p = {p:.3f})" if p is not None else "")
+            rows.append(f"| {k} | {self.best_lr[k]:g}{edge} | {n} | {score} | {vs} |")
+        return "\n".join(rows)
+
+
+def _specs(inits) -> dict:
+    if isinstance(inits, str) or not isinstance(inits, (Mapping, Sequence)):
+        raise ValueError(f"inits must be a list of method names or a dict of label -> options, got {inits!r}")
+    specs = {}
+    if isinstance(inits, Mapping):
+        for label, spec in inits.items():
+            if not isinstance(spec, Mapping):
+                raise ValueError(f"inits[{label!r}] must be a dict of options, got {spec!r}")
+            specs[str(label)] = {"init": spec.get("init", label), **{k: v for k, v in spec.items() if k != "init"}}
+    else:
+        for method in inits:
+            if not isinstance(method, str):
+                raise ValueError(f"inits must be method names, got {method!r}")
+            if method in specs:
+                raise ValueError(f"init {method!r} is listed twice")
+            specs[method] = {"init": method}
+    if not specs:
+        raise ValueError("inits is empty")
+    for label, spec in specs.items():
+        try:
+            check_options(spec["init"], {k: v for k, v in spec.items() if k != "init"})
+        except ValueError as e:
+            raise ValueError(f"inits[{label!r}]: {e}") from None
+    return specs
+
+
+def _check_lrs(lrs) -> list[float]:
+    try:
+        out = [float(r) for r in lrs]
+    except (TypeError, ValueError):
+        raise ValueError(f"lrs must be a list of numbers, got {lrs!r}") from None
+    if not out:
+        raise ValueError("lrs is empty")
+    if any(not math.isfinite(r) or r <= 0 for r in out):
+        raise ValueError(f"lrs must be positive and finite, got {lrs!r}")
+    if sorted(set(out)) != out:
+        raise ValueError(f"lrs must be ascending without repeats, got {lrs!r}")
+    return out
+
+
+def _read(path: Path, specs: dict) -> list:
+    """The runs ``path`` holds for these inits; a file of other inits or options is refused by name."""
+    if not path.exists():
+        return []
+    try:
+        data = json.loads(path.read_text())
+        runs, held = data["runs"], data["inits"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a comparison file ({e}); move it or choose another path") from None
+    for label, spec in specs.items():
+        if label in held and held[label] != json.loads(json.dumps(spec)):
+            raise ValueError(f"{path}: holds init {label!r} as {held[label]}, not {spec}; choose another path")
+    return [r for r in runs if r.get("init") in specs]
+
+
+def _write(path: Path, specs: dict, runs: list) -> None:
+    held = {}
+    if path.exists():  # keep other inits' runs of the same file
+        old = json.loads(path.read_text())
+        held, runs = old["inits"], [r for r in old["runs"] if r["init"] not in specs] + runs
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"inits": {**held, **specs}, "runs": runs}, indent=1))
+    os.replace(tmp, path)  # atomic: a kill leaves the old file or the new one
+
+
+def compare_inits(build: Callable[[int], nn.Module], fit: Callable[[nn.Module, float, int], float],
+                  images: Tensor | None = None, *, inits: Sequence[str] | Mapping[str, Mapping] = ("he", "lsuv", "kmeans-variance"),
+                  lrs: Sequence[float], seeds: int = 3, extend: int = 2, path: str | os.PathLike | None = None,
+                  log: Callable[[str], None] | None = print) -> Comparison:
+    """Each of ``inits`` at its own best learning rate on ``build``'s net trained by ``fit``; see the module doc.
+
+    Args:
+        build: ``build(seed)`` returns a fresh model (its own init is overwritten).
+        fit: ``fit(model, lr, seed)`` trains the initialized model and returns a validation score
+            (higher is better). A score that is not finite (a diverged run) counts as the worst.
+        images: unlabelled images, normalized as ``fit`` feeds them, for the data-dependent inits
+            (None is enough when every init is data-free).
+        inits: method names (``["he", "lsuv", "kmeans-variance"]``) or ``{label: {"init": method,
+            **options}}`` (``{"kmeans-variance-eps1": {"init": "kmeans-variance", "zca_eps": 1.0}}``).
+        lrs: ascending rates of the sweep; one rate skips it (every init at that rate).
+        seeds: measured seeds per init at its best rate (seeds 1..``seeds``).
+        extend: at most this many rates tried past each end of ``lrs``.
+        path: a JSON file that keeps every finished run; a later call resumes from it.
+        log: called with one line per run (None: silent).
+    """
+    specs = _specs(inits)
+    rates = _check_lrs(lrs)
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
+    if isinstance(extend, bool) or not isinstance(extend, int) or extend < 0:
+        raise ValueError(f"extend must be a non-negative integer, got {extend!r}")
+    needs = [k for k, s in specs.items() if s["init"] not in DATA_FREE]
+    if needs and images is None:
+        raise ValueError(f"inits {', '.join(needs)} need images (an unlabelled image tensor)")
+    file = Path(path) if path is not None else None
+    done = {(r["init"], float(r["lr"]), int(r["seed"])): r for r in _read(file, specs)} if file else {}
+    result = Comparison(inits=specs, runs=list(done.values()))
+    todo = len(specs) * (len(rates) + seeds)  # the plan without extensions, for the progress line
+
+    def run(label: str, lr: float, seed: int) -> float:
+        key = (label, lr, seed)
+        if key not in done:
+            spec = specs[label]
+            model = build(seed)
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"build({seed}) returned {type(model).__name__}, not an nn.Module")
+            options = seeded_options(spec["init"], {k: v for k, v in spec.items() if k != "init"}, seed)
+            t0 = time.perf_counter()
+            initialize_(model, spec["init"], images if spec["init"] not in DATA_FREE else None, **options)
+            score = fit(model, lr, seed)
+            try:  # a Python number or a one-element tensor; not a bool or a string
+                if isinstance(score, (bool, str, bytes)):
+                    raise TypeError
+                value = float(score)
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(f"fit(model, lr={lr:g}, seed={seed}) for init {label!r} returned {score!r}, "
+                                "not a number") from None
+            rec = dict(init=label, lr=lr, seed=seed, score=value)
+            done[key] = rec
+            result.runs.append(rec)
+            if file:
+                _write(file, specs, [r for r in result.runs])
+            if log:
+                log(f"run {len(result.runs)} of about {todo}: {label} lr {lr:g} seed {seed}: score {value:.4g} "
+                    f"({time.perf_counter() - t0:.1f} s)")
+        return done[key]["score"]
+
+    def rank(score: float) -> float:  # a diverged run (NaN, inf) ranks below every finite score
+        return score if math.isfinite(score) else -math.inf
+
+    for label in specs:
+        tried = list(rates)
+        scores = {r: run(label, r, 0) for r in tried}
+        if len(tried) > 1:
+            for _ in range(extend):
+                best = max(tried, key=lambda r: (rank(scores[r]), -r))
+                if best == tried[-1]:
+                    nxt = tried[-1] * tried[-1] / tried[-2]
+                    tried.append(nxt)
+                elif best == tried[0]:
+                    nxt = tried[0] * tried[0] / tried[1]
+                    tried.insert(0, nxt)
+                else:
+                    break
+                scores[nxt] = run(label, nxt, 0)
+        best = max(tried, key=lambda r: (rank(scores[r]), -r))  # a tie goes to the smaller rate
+        result.best_lr[label] = best
+        result.at_edge[label] = len(tried) > 1 and best in (tried[0], tried[-1])
+        result.scores[label] = [run(label, best, s) for s in range(1, seeds + 1)]
+    return result
