@@ -159,7 +159,7 @@ def compare_inits(build: Callable[[int], nn.Module], fit: Callable[[nn.Module, f
             **options}}`` (``{"kmeans-variance-eps1": {"init": "kmeans-variance", "zca_eps": 1.0}}``).
         lrs: ascending rates of the sweep; one rate skips it (every init at that rate).
         seeds: measured seeds per init at its best rate (seeds 1..``seeds``).
-        extend: at most this many rates tried past each end of ``lrs``.
+        extend: at most this many rates tried beyond the ends of ``lrs`` (per init, both ends together).
         path: a JSON file that keeps every finished run; a later call resumes from it.
         log: called with one line per run (None: silent).
     """
@@ -199,7 +199,7 @@ def compare_inits(build: Callable[[int], nn.Module], fit: Callable[[nn.Module, f
             done[key] = rec
             result.runs.append(rec)
             if file:
-                _write(file, specs, [r for r in result.runs])
+                _write(file, specs, result.runs)
             if log:
                 log(f"run {len(result.runs)} of about {todo}: {label} lr {lr:g} seed {seed}: score {value:.4g} "
                     f"({time.perf_counter() - t0:.1f} s)")
