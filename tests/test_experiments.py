@@ -301,6 +301,12 @@ def test_fair_dry_run_prints_the_sweep(capsys, tmp_path):
     assert len(few) == 11 * 4 and all("--labels 2000" in l and "--epochs 20.0" in l for l in few)
     vgg = [l for l in lines if "vgg11-nobn-sgd" in l]
     assert len(vgg) == 11 * 4 and all("--no-batch-norm" in l and "--model vgg11" in l and "--width 0.5" in l for l in vgg)
+    # Few labels on VGG-11 with BN: the zoo recipe, its rates, and the weaker whitening among the inits.
+    assert main(["reproduce", "fair", "--arch", "vgg11-labels2k", "--out", str(tmp_path / "v"), "--dry-run"]) == 0
+    few = [l for l in capsys.readouterr().out.splitlines() if l.startswith("python")]
+    assert len(few) == 12 * 4 and all("--labels 2000" in l and "--epochs 20.0" in l and "--model vgg11" in l
+                                      and "--width 0.5" in l and "--no-batch-norm" not in l for l in few)
+    assert sum("zca_eps=1.0" in l for l in few) == 4 and sum("--lr 0.8 " in l for l in few) == 12
 
 
 def test_fair_only_runs_the_named_inits_and_names_an_unknown_one(capsys, tmp_path):
