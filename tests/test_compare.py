@@ -201,3 +201,34 @@ def test_progress_names_each_run():
     compare_inits(_build, lambda m, lr, s: torch.tensor(0.25), inits=["he"], lrs=[0.1], seeds=1, log=lines.append)
     assert lines[0].startswith("run 1 of about 2: he lr 0.1 seed 0: score 0.25")
     assert len(lines) == 2
+
+
+def test_the_sweep_initializes_each_seed_once_and_every_run_starts_from_that_init(monkeypatch):
+    import kmeansinit.compare as cmp_mod
+
+    calls = []
+    real = cmp_mod.initialize_
+
+    def counting(model, method, images=None, **options):
+        calls.append((method, options.get("seed")))
+        return real(model, method, images, **options)
+
+    monkeypatch.setattr(cmp_mod, "initialize_", counting)
+    seen = []
+
+    def fit(model, lr, seed):
+        seen.append((lr, seed, [t.clone() for t in model.state_dict().values()]))
+        with torch.no_grad():  # training changes the model: the next rate must not see that
+            for p in model.parameters():
+                p.add_(1.0)
+        return -abs(lr - 0.02)
+
+    compare_inits(_build, fit, IMAGES, inits={"kv": {"init": "kmeans-variance", "steps": 2}},
+                  lrs=[0.01, 0.02, 0.04], seeds=1, log=None)
+    assert calls == [("kmeans-variance", 0), ("kmeans-variance", 1)]
+    ref = _build(0)
+    initialize_(ref, "kmeans-variance", IMAGES, **seeded_options("kmeans-variance", {"steps": 2}, 0))
+    for lr, seed, state in seen[:3]:
+        assert seed == 0
+        for a, b in zip(state, ref.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -18,6 +18,7 @@ the same file skips the runs it holds: an interrupted comparison loses at most t
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -150,7 +151,9 @@ def compare_inits(build: Callable[[int], nn.Module], fit: Callable[[nn.Module, f
     """Each of ``inits`` at its own best learning rate on ``build``'s net trained by ``fit``; see the module doc.
 
     Args:
-        build: ``build(seed)`` returns a fresh model (its own init is overwritten).
+        build: ``build(seed)`` returns a fresh model (its own init is overwritten), the same net for
+            the same seed: the runs of one init and seed at several rates initialize it once and
+            load that state into each fresh model.
         fit: ``fit(model, lr, seed)`` trains the initialized model and returns a validation score
             (higher is better). A score that is not finite (a diverged run) counts as the worst.
         images: unlabelled images, normalized as ``fit`` feeds them, for the data-dependent inits
@@ -176,6 +179,7 @@ def compare_inits(build: Callable[[int], nn.Module], fit: Callable[[nn.Module, f
     done = {(r["init"], float(r["lr"]), int(r["seed"])): r for r in _read(file, specs)} if file else {}
     result = Comparison(inits=specs, runs=list(done.values()))
     todo = len(specs) * (len(rates) + seeds)  # the plan without extensions, for the progress line
+    inited: dict = {}  # (label, seed) -> the initialized model's state (build(seed) gives the same net each call)
 
     def run(label: str, lr: float, seed: int) -> float:
         key = (label, lr, seed)
@@ -184,9 +188,14 @@ def compare_inits(build: Callable[[int], nn.Module], fit: Callable[[nn.Module, f
             model = build(seed)
             if not isinstance(model, nn.Module):
                 raise TypeError(f"build({seed}) returned {type(model).__name__}, not an nn.Module")
-            options = seeded_options(spec["init"], {k: v for k, v in spec.items() if k != "init"}, seed)
             t0 = time.perf_counter()
-            initialize_(model, spec["init"], images if spec["init"] not in DATA_FREE else None, **options)
+            if (label, seed) in inited:  # the sweep's rates share one init of seed 0: it runs once
+                model.load_state_dict(inited[label, seed])
+            else:
+                options = seeded_options(spec["init"], {k: v for k, v in spec.items() if k != "init"}, seed)
+                initialize_(model, spec["init"], images if spec["init"] not in DATA_FREE else None, **options)
+                inited.clear()  # only the newest: one model's state in memory
+                inited[label, seed] = copy.deepcopy(model.state_dict())
             score = fit(model, lr, seed)
             try:  # a Python number or a one-element tensor; not a bool or a string
                 if isinstance(score, (bool, str, bytes)):
