@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kmeansinit.compare import compare_inits
+from kmeansinit import compare_inits
 from kmeansinit.data import BatchLoader, Normalizer, load_cifar
 from kmeansinit.models import create_model
 
