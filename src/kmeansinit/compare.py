@@ -1,8 +1,10 @@
 """Compare inits on a net and training loop of your own, each init at its own best learning rate.
 
-The protocol of :mod:`kmeansinit.fair` (docs/results/fair.md) for code we did not write: an init
-that wins at one fixed learning rate may only be taking a larger step (with BN a filter's norm sets
-its effective rate), so every init gets its own rate, chosen on a validation score you compute.
+The idea of :mod:`kmeansinit.fair` (docs/results/fair.md) for code we did not write: an init that
+wins at one fixed learning rate may only be taking a larger step (with BN a filter's norm sets its
+effective rate), so every init gets its own rate, chosen on a validation score you compute. Unlike
+the grid (a short sweep, then seeds 0..n at a longer budget), every run here has the budget ``fit``
+gives it, so the seeds that measure are other than the one that chose.
 
 1. Sweep: for each init, seed 0 at every rate of ``lrs``; where the best rate lies at an end of
    the rates tried, the next rate beyond it (the ratio of the two rates at that end) is tried too,
