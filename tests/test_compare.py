@@ -10,7 +10,6 @@ from scipy import stats as sps
 
 from kmeansinit import initialize_
 from kmeansinit.compare import Comparison, compare_inits
-from kmeansinit.init import seeded_options
 
 
 def _build(seed):
@@ -78,7 +77,9 @@ def test_fit_gets_the_init_of_initialize_with_the_seed_and_options():
     compare_inits(_build, fit, IMAGES, inits=inits, lrs=[0.1], seeds=1, log=None)
     for (seed, params), (method, opts) in zip(seen, [("he", {})] * 2 + [("kmeans-variance", dict(zca_eps=1.0, steps=3))] * 2):
         ref = _build(seed)
-        initialize_(ref, method, IMAGES, **seeded_options(method, opts, seed))
+        # The seed as a training run passes it: He's generator, the k-means init's seed.
+        seeding = dict(generator=torch.Generator().manual_seed(seed)) if method == "he" else dict(seed=seed)
+        initialize_(ref, method, IMAGES, **opts, **seeding)
         for a, b in zip(params, ref.parameters()):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert [s for s, _ in seen] == [0, 1, 0, 1]
@@ -227,7 +228,7 @@ def test_the_sweep_initializes_each_seed_once_and_every_run_starts_from_that_ini
                   lrs=[0.01, 0.02, 0.04], seeds=1, log=None)
     assert calls == [("kmeans-variance", 0), ("kmeans-variance", 1)]
     ref = _build(0)
-    initialize_(ref, "kmeans-variance", IMAGES, **seeded_options("kmeans-variance", {"steps": 2}, 0))
+    initialize_(ref, "kmeans-variance", IMAGES, steps=2, seed=0)
     for lr, seed, state in seen[:3]:
         assert seed == 0
         for a, b in zip(state, ref.state_dict().values()):

@@ -840,3 +840,19 @@ def test_cholesky_whitening_gives_the_zca_preset_filters(pairs):
         assert_close(out[1][k], out[0][k], rtol=1e-6, atol=1e-6, msg=k)
     with pytest.raises(ValueError, match="whitening"):
         kmeans_init_(PaperNet(width=0.25), x.float(), preprocess="zca", mode="layerwise", whitening="pca")
+
+
+def test_seeded_options_seeds_each_kind_of_method_and_keeps_given_values():
+    from kmeansinit.init import seeded_options
+
+    # A data-free init: a generator seeded by the seed (the same draws as one made here).
+    g = seeded_options("he", {}, 3)["generator"]
+    assert torch.equal(torch.randn(5, generator=g), torch.randn(5, generator=torch.Generator().manual_seed(3)))
+    # A k-means preset seeds its base init from its own seed: no generator.
+    assert seeded_options("kmeans-variance", {"zca_eps": 1.0}, 3) == {"zca_eps": 1.0, "seed": 3}
+    # The control runs a k-means init and a data-free one: both; a given seed wins.
+    opts = seeded_options("he-variance-norm", {"seed": 5}, 3)
+    assert opts["seed"] == 5 and isinstance(opts["generator"], torch.Generator)
+    # LSUV takes a generator only; the options passed in are not changed.
+    given = {"tol": 0.1}
+    assert set(seeded_options("lsuv", given, 0)) == {"tol", "generator"} and given == {"tol": 0.1}
