@@ -132,6 +132,21 @@ def test_a_file_of_other_options_for_the_same_label_is_refused(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="cmp.json: not a comparison file"):
         compare_inits(_build, lambda m, lr, s: 0.5, inits=["he"], lrs=[0.1], path=path, log=None)
+    path.write_text(json.dumps({"inits": {"he": {"init": "he"}}, "runs": [{"init": "he", "lr": 0.1}]}))
+    with pytest.raises(ValueError, match="cmp.json: run .* is not a comparison run"):
+        compare_inits(_build, lambda m, lr, s: 0.5, inits=["he"], lrs=[0.1], path=path, log=None)
+
+
+def test_options_a_file_cannot_keep_are_refused_before_any_run_and_the_folder_is_made(tmp_path):
+    def fit(model, lr, seed):
+        raise AssertionError("ran")
+
+    with pytest.raises(ValueError, match="options must be JSON values"):
+        compare_inits(_build, fit, IMAGES, inits={"l": {"init": "lsuv", "generator": torch.Generator()}},
+                      lrs=[0.1], path=tmp_path / "c.json", log=None)
+    res = compare_inits(_build, lambda m, lr, s: 0.5, inits=["he"], lrs=[0.1], seeds=1,
+                        path=tmp_path / "new" / "c.json", log=None)
+    assert (tmp_path / "new" / "c.json").exists() and res.scores == {"he": [0.5]}
 
 
 def test_a_diverged_run_ranks_last_and_is_counted_not_averaged():

@@ -133,7 +133,13 @@ def _read(path: Path, specs: dict) -> list:
     for label, spec in specs.items():
         if label in held and held[label] != json.loads(json.dumps(spec)):
             raise ValueError(f"{path}: holds init {label!r} as {held[label]}, not {spec}; choose another path")
-    return [r for r in runs if r.get("init") in specs]
+    mine = [r for r in runs if isinstance(r, dict) and r.get("init") in specs]
+    for i, r in enumerate(mine):
+        try:
+            r.update(lr=float(r["lr"]), seed=int(r["seed"]), score=float(r["score"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: run {r!r} is not a comparison run ({e!r}); move the file or choose another path") from None
+    return mine
 
 
 def _write(path: Path, specs: dict, runs: list) -> None:
@@ -178,7 +184,13 @@ def compare_inits(build: Callable[[int], nn.Module], fit: Callable[[nn.Module, f
     if needs and images is None:
         raise ValueError(f"inits {', '.join(needs)} need images (an unlabelled image tensor)")
     file = Path(path) if path is not None else None
-    done = {(r["init"], float(r["lr"]), int(r["seed"])): r for r in _read(file, specs)} if file else {}
+    if file:
+        try:  # refused now, not after the first run has finished
+            json.dumps(specs)
+        except TypeError as e:
+            raise ValueError(f"inits: options must be JSON values (numbers, strings, lists) to be kept in {file}: {e}") from None
+        file.parent.mkdir(parents=True, exist_ok=True)
+    done = {(r["init"], r["lr"], r["seed"]): r for r in _read(file, specs)} if file else {}
     result = Comparison(inits=specs, runs=list(done.values()))
     todo = len(specs) * (len(rates) + seeds)  # the plan without extensions, for the progress line
     inited: dict = {}  # (label, seed) -> the initialized model's state (build(seed) gives the same net each call)
