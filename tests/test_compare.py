@@ -248,3 +248,13 @@ def test_the_sweep_initializes_each_seed_once_and_every_run_starts_from_that_ini
         assert seed == 0
         for a, b in zip(state, ref.state_dict().values()):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_file_keeps_the_runs_of_other_inits_it_already_held(tmp_path):
+    path = tmp_path / "cmp.json"
+    compare_inits(_build, lambda m, lr, s: 0.5, inits=["he"], lrs=[0.1], seeds=1, path=path, log=None)
+    compare_inits(_build, lambda m, lr, s: 0.25, inits=["xavier"], lrs=[0.1], seeds=1, path=path, log=None)
+    data = json.loads(path.read_text())
+    assert set(data["inits"]) == {"he", "xavier"}
+    assert [(r["init"], r["seed"], r["score"]) for r in data["runs"]] == [
+        ("he", 0, 0.5), ("he", 1, 0.5), ("xavier", 0, 0.25), ("xavier", 1, 0.25)]

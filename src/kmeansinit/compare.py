@@ -121,10 +121,11 @@ def _check_lrs(lrs) -> list[float]:
     return out
 
 
-def _read(path: Path, specs: dict) -> list:
-    """The runs ``path`` holds for these inits; a file of other inits or options is refused by name."""
+def _read(path: Path, specs: dict) -> tuple[dict, list, list]:
+    """(the other inits the file holds, their runs, the runs of these inits), read once; a file of
+    other options for one of these inits, or a run that is not one, is refused by name."""
     if not path.exists():
-        return []
+        return {}, [], []
     try:
         data = json.loads(path.read_text())
         runs, held = data["runs"], data["inits"]
@@ -134,21 +135,18 @@ def _read(path: Path, specs: dict) -> list:
         if label in held and held[label] != json.loads(json.dumps(spec)):
             raise ValueError(f"{path}: holds init {label!r} as {held[label]}, not {spec}; choose another path")
     mine = [r for r in runs if isinstance(r, dict) and r.get("init") in specs]
-    for i, r in enumerate(mine):
+    for r in mine:
         try:
             r.update(lr=float(r["lr"]), seed=int(r["seed"]), score=float(r["score"]))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: run {r!r} is not a comparison run ({e!r}); move the file or choose another path") from None
-    return mine
+    others = [r for r in runs if not (isinstance(r, dict) and r.get("init") in specs)]
+    return {k: v for k, v in held.items() if k not in specs}, others, mine
 
 
-def _write(path: Path, specs: dict, runs: list) -> None:
-    held = {}
-    if path.exists():  # keep other inits' runs of the same file
-        old = json.loads(path.read_text())
-        held, runs = old["inits"], [r for r in old["runs"] if r["init"] not in specs] + runs
+def _write(path: Path, inits: dict, runs: list) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"inits": {**held, **specs}, "runs": runs}, indent=1))
+    tmp.write_text(json.dumps({"inits": inits, "runs": runs}, indent=1))
     os.replace(tmp, path)  # atomic: a kill leaves the old file or the new one
 
 
@@ -190,7 +188,9 @@ def compare_inits(build: Callable[[int], nn.Module], fit: Callable[[nn.Module, f
         except TypeError as e:
             raise ValueError(f"inits: options must be JSON values (numbers, strings, lists) to be kept in {file}: {e}") from None
         file.parent.mkdir(parents=True, exist_ok=True)
-    done = {(r["init"], r["lr"], r["seed"]): r for r in _read(file, specs)} if file else {}
+    # Other inits kept in the same file are written back with every run.
+    held, others, mine = _read(file, specs) if file else ({}, [], [])
+    done = {(r["init"], r["lr"], r["seed"]): r for r in mine}
     result = Comparison(inits=specs, runs=list(done.values()))
     todo = len(specs) * (len(rates) + seeds)  # the plan without extensions, for the progress line
     inited: dict = {}  # (label, seed) -> the initialized model's state (build(seed) gives the same net each call)
@@ -207,7 +207,7 @@ def compare_inits(build: Callable[[int], nn.Module], fit: Callable[[nn.Module, f
                 model.load_state_dict(inited[label, seed])
             else:
                 options = seeded_options(spec["init"], {k: v for k, v in spec.items() if k != "init"}, seed)
-                initialize_(model, spec["init"], images if spec["init"] not in DATA_FREE else None, **options)
+                initialize_(model, spec["init"], images, **options)  # a data-free method ignores images
                 inited.clear()  # only the newest: one model's state in memory
                 inited[label, seed] = copy.deepcopy(model.state_dict())
             score = fit(model, lr, seed)
@@ -222,21 +222,22 @@ def compare_inits(build: Callable[[int], nn.Module], fit: Callable[[nn.Module, f
             done[key] = rec
             result.runs.append(rec)
             if file:
-                _write(file, specs, result.runs)
+                _write(file, {**held, **specs}, others + result.runs)
             if log:
                 log(f"run {len(result.runs)} of about {todo}: {label} lr {lr:g} seed {seed}: score {value:.4g} "
                     f"({time.perf_counter() - t0:.1f} s)")
         return done[key]["score"]
 
-    def rank(score: float) -> float:  # a diverged run (NaN, inf) ranks below every finite score
-        return score if math.isfinite(score) else -math.inf
+    def best_of(scores: dict) -> float:
+        # A diverged run (NaN, inf) ranks below every finite score; a tie goes to the smaller rate.
+        return max(scores, key=lambda r: (scores[r] if math.isfinite(scores[r]) else -math.inf, -r))
 
     for label in specs:
         tried = list(rates)
         scores = {r: run(label, r, 0) for r in tried}
         if len(tried) > 1:
             for _ in range(extend):
-                best = max(tried, key=lambda r: (rank(scores[r]), -r))
+                best = best_of(scores)
                 if best == tried[-1]:
                     nxt = tried[-1] * tried[-1] / tried[-2]
                     tried.append(nxt)
@@ -246,7 +247,7 @@ def compare_inits(build: Callable[[int], nn.Module], fit: Callable[[nn.Module, f
                 else:
                     break
                 scores[nxt] = run(label, nxt, 0)
-        best = max(tried, key=lambda r: (rank(scores[r]), -r))  # a tie goes to the smaller rate
+        best = best_of(scores)
         result.best_lr[label] = best
         result.at_edge[label] = len(tried) > 1 and best in (tried[0], tried[-1])
         result.scores[label] = [run(label, best, s) for s in range(1, seeds + 1)]
