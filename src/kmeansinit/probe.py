@@ -26,6 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .init._model import kept_modes
+
 __all__ = ["ProbeConfig", "probe", "calibrate_bn_", "extract_features", "fit_linear_probe", "probe_objective", "LinearProbe"]
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -101,22 +103,20 @@ def calibrate_bn_(model: nn.Module, batches) -> nn.Module:
     bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
     if not bns:
         return model
-    modes = {m: m.training for m in model.modules()}
     momenta = [m.momentum for m in bns]
     seen = 0
-    try:
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-        model.train()
-        for xb in batches:
-            model(xb)
-            seen += 1
-    finally:
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-        for m, mode in modes.items():
-            m.training = mode
+    with kept_modes(model):
+        try:
+            for m in bns:
+                m.reset_running_stats()
+                m.momentum = None
+            model.train()
+            for xb in batches:
+                model(xb)
+                seen += 1
+        finally:
+            for m, mom in zip(bns, momenta):
+                m.momentum = mom
     if not seen:
         raise ValueError("calibrate_bn_: no batches given")
     return model
@@ -155,16 +155,14 @@ def extract_features(model: nn.Module, batches, *, layer: str | None = None, poo
             t = F.adaptive_avg_pool2d(t.float(), pool)
         got.append(t.float().flatten(1).cpu())
 
-    modes = {m: m.training for m in model.modules()}
     handle = module.register_forward_hook(hook)
-    try:
-        model.eval()
-        for xb in batches:
-            model(xb)
-    finally:
-        handle.remove()
-        for m, mode in modes.items():  # each module's own mode, as calibrate_bn_ restores it
-            m.training = mode
+    with kept_modes(model):  # each module's own mode back, not one for all
+        try:
+            model.eval()
+            for xb in batches:
+                model(xb)
+        finally:
+            handle.remove()
     if not got:
         raise ValueError("extract_features: no batches given")
     return torch.cat(got)

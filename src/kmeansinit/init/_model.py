@@ -12,7 +12,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..objectives import SUPPORTED_LAYERS
 
-__all__ = ["Taps", "find_layers", "check_images", "preserved_state", "batchnorm_train_mode"]
+__all__ = ["Taps", "find_layers", "check_images", "preserved_state", "batchnorm_train_mode", "kept_modes"]
 
 
 class _Stop(Exception):
@@ -134,14 +134,10 @@ def forward_order(model: nn.Module, targets: dict[str, nn.Module], sample: Tenso
 
 
 @contextmanager
-def batchnorm_train_mode(model: nn.Module):
-    """Eval mode everywhere (no dropout) except BN layers, which use batch statistics; modes restored after."""
+def kept_modes(model: nn.Module):
+    """Every module's own train/eval mode restored on exit (``model.train(mode)`` would set one mode for all)."""
     modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        for m in model.modules():
-            if isinstance(m, _BatchNorm):
-                m.train()
         yield
     finally:
         for m, t in modes.items():
@@ -149,16 +145,25 @@ def batchnorm_train_mode(model: nn.Module):
 
 
 @contextmanager
+def batchnorm_train_mode(model: nn.Module):
+    """Eval mode everywhere (no dropout) except BN layers, which use batch statistics; modes restored after."""
+    with kept_modes(model):
+        model.eval()
+        for m in model.modules():
+            if isinstance(m, _BatchNorm):
+                m.train()
+        yield
+
+
+@contextmanager
 def preserved_state(model: nn.Module, keep: set[str]):
     """Restore every parameter and buffer not named in ``keep`` (and all train/eval modes) on exit."""
     saved = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items() if k not in keep}
-    modes = {m: m.training for m in model.modules()}
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            state = model.state_dict(keep_vars=True)
-            for k, v in saved.items():
-                state[k].copy_(v)
-        for m, t in modes.items():
-            m.training = t
+    with kept_modes(model):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                state = model.state_dict(keep_vars=True)
+                for k, v in saved.items():
+                    state[k].copy_(v)
