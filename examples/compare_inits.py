@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from kmeansinit import compare_inits
 from kmeansinit.data import BatchLoader, Normalizer, load_cifar
 from kmeansinit.models import create_model
+from kmeansinit.train import split_validation
 
 INITS = {"he": {}, "lsuv": {}, "kmeans-variance-eps1": {"init": "kmeans-variance", "zca_eps": 1.0}}
 
@@ -38,22 +39,21 @@ def main(argv=None) -> int:
     ap.add_argument("--path", default=None, help="JSON file that keeps every finished run (resume: same command)")
     args = ap.parse_args(argv)
 
-    ds = load_cifar(args.data)
-    if not 0 < args.val < len(ds.train_y):
-        ap.error(f"--val must be in 1..{len(ds.train_y) - 1}, got {args.val}")
-    perm = torch.randperm(len(ds.train_y), generator=torch.Generator().manual_seed(0))
-    val, train = perm[:args.val], perm[args.val:]
-    norm = Normalizer.fit(ds.train_x[train])
-    images = norm(ds.train_x[train[:256]])  # unlabelled images, normalized as training sees them
-    xv, yv = norm(ds.train_x[val]), ds.train_y[val]
+    try:  # the validation split every kmeansinit run holds out
+        ds = split_validation(load_cifar(args.data), args.val)
+    except ValueError as e:
+        ap.error(f"--val: {e}")
+    norm = Normalizer.fit(ds.train_x)
+    pick = torch.randperm(len(ds.train_y), generator=torch.Generator().manual_seed(0))[:256]
+    images = norm(ds.train_x[pick])  # 256 unlabelled images at random, normalized as training sees them
+    xv, yv = norm(ds.val_x), ds.val_y
 
     def build(seed: int) -> torch.nn.Module:
         return create_model(args.model, num_classes=ds.num_classes, width=args.width)
 
     def fit(model: torch.nn.Module, lr: float, seed: int) -> float:
         torch.manual_seed(seed)
-        loader = BatchLoader(ds.train_x[train], ds.train_y[train], min(args.batch, len(train)), norm,
-                             seed=seed, crop=4)
+        loader = BatchLoader(ds.train_x, ds.train_y, min(args.batch, len(ds.train_y)), norm, seed=seed, crop=4)
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
         model.train()
         for step in range(args.steps):

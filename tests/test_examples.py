@@ -36,4 +36,4 @@ def test_compare_inits_example_names_a_bad_val(fake_cifar10, capsys):
     ex = _load("compare_inits")
     with pytest.raises(SystemExit):
         ex.main(["--data", str(fake_cifar10), "--val", "0"])
-    assert "--val must be in 1..59, got 0" in capsys.readouterr().err
+    assert "--val: val must be between 1 and 59 (training images), got 0" in capsys.readouterr().err
