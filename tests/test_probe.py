@@ -35,6 +35,49 @@ def test_kmeans_init_clusters_the_single_layer_net():
     assert torch.isfinite(net.features[0].weight).all()
 
 
+def test_patch_norm_conv_is_a_conv_of_contrast_normalized_patches():
+    from kmeansinit.models.coates import PatchNormConv2d
+
+    torch.manual_seed(0)
+    layer = PatchNormConv2d(3, 5, 3, padding=1, eps=0.05).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.double) * torch.tensor([1.0, 3.0, 0.2], dtype=torch.double).view(1, 3, 1, 1)
+    # Independently: every patch (zero padding included) unfolded, normalized, then the filters.
+    p = F.unfold(x, 3, padding=1)  # (N, 27, positions)
+    p = (p - p.mean(1, keepdim=True)) / torch.sqrt(p.var(1, unbiased=False, keepdim=True) + 0.05)
+    expect = torch.einsum("od,ndl->nol", layer.weight.flatten(1), p) + layer.bias.view(1, -1, 1)
+    torch.testing.assert_close(layer(x), expect.reshape(2, 5, 6, 6))
+    # A patch's brightness and (up to eps) its contrast do not change the output.
+    sharp = PatchNormConv2d(3, 5, 3, eps=1e-12).double()
+    torch.testing.assert_close(sharp(4 * x + 7), sharp(x))
+    with pytest.raises(ValueError, match="groups must be 1"):
+        PatchNormConv2d(4, 4, 3, groups=2)
+
+
+def test_patch_norm_coates_net_encodes_with_the_k_means_centroids_themselves():
+    """Under ``patch_norm`` the single layer computes, for a k-means filter, the centroid's response
+    to the contrast-normalized, whitened patch the init clustered, up to a per-filter constant (which
+    BN removes); a plain conv's response is that times each patch's contrast."""
+    from kmeansinit.init.whiten import ZCASpace, unfold_patches
+    from kmeansinit.models.coates import PatchNormConv2d
+
+    torch.manual_seed(0)
+    net = create_model("coates", width=0.005, patch_norm=True).double()  # 8 filters
+    conv = net.features[0]
+    assert isinstance(conv, PatchNormConv2d) and net.patch_norm and conv.eps == 1e-2
+    x = torch.randn(4, 3, 9, 9, dtype=torch.double) * torch.linspace(0.2, 3, 4, dtype=torch.double).view(4, 1, 1, 1)
+    space = ZCASpace(conv, [x[:2], x[2:]])
+    assert space.eps_norm == conv.eps
+    c = torch.randn(8, 3, 6, 6, dtype=torch.double)
+    with torch.no_grad():
+        conv.weight.copy_(space.to_raw(c))
+        out = conv(x).flatten(2)  # (N, 8, positions)
+    z = space.whiten(unfold_patches(x, conv))  # rows: (N x positions) whitened patches
+    expect = (z @ c.flatten(1).t()).reshape(4, -1, 8).transpose(1, 2) + space.offset(c).view(1, 8, 1)
+    torch.testing.assert_close(out, expect)
+    with pytest.raises(ValueError, match="patch_norm=True is offered for 'coates' only"):
+        create_model("paper", patch_norm=True)
+
+
 def _bn_net():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=0.3), nn.ReLU(), nn.Flatten(),
@@ -151,8 +194,10 @@ def test_probe_config_maps_onto_the_training_config_of_the_same_run():
                       labels=100, seed=3, batch_norm=False)
     tcfg = cfg.train_config()
     assert isinstance(tcfg, TrainConfig)
-    for name in ("model", "width", "init", "init_options", "val", "labels", "seed", "batch_norm", "init_images", "data"):
+    for name in ("model", "width", "init", "init_options", "val", "labels", "seed", "batch_norm", "init_images", "data",
+                 "patch_norm"):
         assert getattr(tcfg, name) == getattr(cfg, name), name
+    assert ProbeConfig(model="coates", patch_norm=True).train_config().patch_norm
 
 
 @pytest.mark.parametrize("args, message", [
@@ -160,6 +205,7 @@ def test_probe_config_maps_onto_the_training_config_of_the_same_run():
     (["--val", "0"], "val must be >= 1"),
     (["--init-option", "zca_eps=abc"], "zca_eps must be a number"),
     (["--weight-decay", "-1"], "weight_decays must be one or more numbers >= 0"),
+    (["--patch-norm", "--model", "paper"], "patch_norm is offered for model coates only, got 'paper'"),
 ])
 def test_probe_cli_bad_input_is_one_line_and_writes_nothing(fake_cifar10, tmp_path, capsys, args, message):
     out = tmp_path / "p"

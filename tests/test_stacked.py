@@ -90,3 +90,6 @@ def test_unstackable_models_are_refused():
         stack_models([create_model("paper", width=0.25), create_model("vgg11", width=0.25)])
     with pytest.raises(ValueError, match="cannot stack LayerNorm"):
         stack_models([nn.Sequential(nn.LayerNorm(4)), nn.Sequential(nn.LayerNorm(4))])
+    nets = [create_model("coates", width=0.01, patch_norm=True) for _ in range(2)]
+    with pytest.raises(ValueError, match="cannot stack PatchNormConv2d"):
+        stack_models(nets)

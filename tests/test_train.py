@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -318,6 +319,32 @@ def test_no_batch_norm_and_labels_from_the_cli_and_grid_command(fake_cifar10, tm
     cell = Cell("c", TrainConfig(data=str(fake_cifar10), out=str(tmp_path / "c"), batch_norm=False, labels=24))
     cmd = cell_command(cell)
     assert "--no-batch-norm" in cmd and cmd[cmd.index("--labels") + 1] == "24"
+
+
+def test_patch_norm_from_the_cli_its_init_cache_key_and_grid_command(fake_cifar10, tmp_path):
+    from kmeansinit.data import load_dataset
+    from kmeansinit.experiments import Cell, cell_command
+    from kmeansinit.models.coates import PatchNormConv2d
+    from kmeansinit.train import build_model, init_key
+
+    out = tmp_path / "pn"
+    rc = main(["train", "--data", str(fake_cifar10), "--out", str(out), "--model", "coates", "--width", "0.01",
+               "--patch-norm", "--batch-size", "8", "--iterations", "2", "--eval-every", "2", "--log-every", "2",
+               "--init", "lsuv", "--init-images", "16", "--init-cache", str(tmp_path / "cache"), "--quiet"])
+    assert rc == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["patch_norm"] is True
+    state = torch.load(out / "final.pt")
+    assert all(torch.isfinite(v).all() for v in state.values())
+    cfg = TrainConfig(data=str(fake_cifar10), model="coates", width=0.01, init="lsuv", patch_norm=True)
+    assert isinstance(build_model(cfg, 10, 3).features[0], PatchNormConv2d)
+    # LSUV's scales see the normalized patches: a net without patch_norm must not reuse the init.
+    ds = load_dataset("cifar10", str(fake_cifar10))
+    assert init_key(cfg, ds) != init_key(dataclasses.replace(cfg, patch_norm=False), ds)
+    cmd = cell_command(Cell("c", dataclasses.replace(cfg, out=str(tmp_path / "c"))))
+    assert "--patch-norm" in cmd
+    with pytest.raises(ValueError, match="patch_norm is offered for model coates only"):
+        TrainConfig(patch_norm=True).validate()
 
 
 def test_he_variance_norm_run_has_the_kmeans_variance_runs_norms(fake_cifar10, tmp_path):

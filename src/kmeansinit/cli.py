@@ -35,6 +35,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-flip", dest="flip", action="store_false")
     p.add_argument("--no-batch-norm", dest="batch_norm", action="store_false",
                    help="PaperNet or VGG-11 without BN layers (where an init's scale matters)")
+    p.add_argument("--patch-norm", action="store_true",
+                   help="coates: contrast-normalize each patch before the filters, as Coates et al. encode")
     p.add_argument("--model", choices=list(MODELS), default=d.model,
                    help="network (default paper: Table 1); the zoo models default to their own recipe (README)")
     p.add_argument("--gated", action="store_true", help="GatedConv2d in every conv layer larger than 1x1")
@@ -96,6 +98,8 @@ def add_probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=float, default=d.width, help="width multiplier (coates: 1,600 x width filters)")
     p.add_argument("--gated", action="store_true", help="GatedConv2d in every conv layer larger than 1x1")
     p.add_argument("--no-batch-norm", dest="batch_norm", action="store_false", help="the net without BN layers")
+    p.add_argument("--patch-norm", action="store_true",
+                   help="coates: contrast-normalize each patch before the filters, as Coates et al. encode")
     p.add_argument("--init", choices=list(METHODS), default=d.init)
     p.add_argument("--init-images", type=int, default=d.init_images, help="images for the init; 0 = all")
     p.add_argument("--init-option", type=_option, action="append", default=[], metavar="KEY=VALUE",

@@ -115,7 +115,7 @@ def finished(out: str | os.PathLike) -> bool:
 
 #: What makes two runs the same cell: a folder whose config.json differs from a cell's in one of these
 #: is another cell's run (the folder's ``out``, data path, threads and logging may differ).
-IDENTITY_FIELDS = ("model", "width", "gated", "batch_norm", "init", "init_options", "optimizer", "lr", "seed",
+IDENTITY_FIELDS = ("model", "width", "gated", "batch_norm", "patch_norm", "init", "init_options", "optimizer", "lr", "seed",
                    "labels", "val", "epochs", "iterations", "lr_schedule", "weight_decay", "momentum", "precision")
 
 

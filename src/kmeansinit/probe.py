@@ -47,6 +47,7 @@ class ProbeConfig:
     width: float = 1.0
     gated: bool = False
     batch_norm: bool = True
+    patch_norm: bool = False
     init: str = "kmeans"
     init_images: int = 256
     init_options: dict = field(default_factory=dict)

@@ -55,10 +55,17 @@ class StackedLinear(nn.Module):
         return y.reshape(x.shape[0], -1)
 
 
+_CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, GatedConv2d.forward)
+
+
 def _stack_layer(layers: list[nn.Module]) -> nn.Module:
     first, n = layers[0], len(layers)
     if any(type(m) is not type(first) for m in layers):
         raise ValueError(f"cells differ in layer type: {sorted({type(m).__name__ for m in layers})}")
+    if isinstance(first, nn.modules.conv._ConvNd) and type(first).forward not in _CONV_FORWARDS:
+        # A conv subclass with a forward of its own (kmeansinit.models.coates.PatchNormConv2d, a
+        # user's) computes more than a grouped conv of the stacked weights would.
+        raise ValueError(f"cannot stack {type(first).__name__}: its forward is not a plain or gated conv's")
     if isinstance(first, (nn.modules.conv._ConvNd, nn.BatchNorm1d, nn.BatchNorm2d, nn.Linear)):
         # The layout of the stacked tensors is stack_tensors' alone (unstack_tensors inverts it).
         state = stack_tensors([m.state_dict() for m in layers], first)

@@ -113,6 +113,7 @@ class TrainConfig:
     gated: bool = False
     width: float = 1.0
     batch_norm: bool = True  # False: PaperNet or VGG-11 without BN layers (--no-batch-norm)
+    patch_norm: bool = False  # coates only: contrast-normalize each patch before the filters (--patch-norm)
     # init
     init: str = "kmeans"
     init_images: int = 256  # images for data-dependent inits; 0 = the whole training set
@@ -157,6 +158,7 @@ class TrainConfig:
         checks = [
             (self.optimizer in ("sgd", "adam"), f"optimizer must be sgd or adam, got {self.optimizer!r}"),
             (self.model in MODELS, f"model must be one of {', '.join(MODELS)}, got {self.model!r}"),
+            (not self.patch_norm or self.model == "coates", f"patch_norm is offered for model coates only, got {self.model!r}"),
             (self.lr_schedule in SCHEDULE_NAMES, f"lr_schedule must be one of {', '.join(SCHEDULE_NAMES)}, "
                                                  f"got {self.lr_schedule!r}"),
             (self.warmup >= 0 and self.val >= 0 and self.test_every >= 0 and self.labels >= 0,
@@ -393,7 +395,7 @@ class _Progress:
 
 def build_model(cfg: TrainConfig, num_classes: int, in_channels: int) -> nn.Module:
     return create_model(cfg.model, num_classes=num_classes, width=cfg.width, gated=cfg.gated, in_channels=in_channels,
-                        batch_norm=cfg.batch_norm)
+                        batch_norm=cfg.batch_norm, patch_norm=cfg.patch_norm)
 
 
 def load_run_config(out: str | Path) -> TrainConfig:
@@ -657,6 +659,8 @@ def init_key(cfg: TrainConfig, ds) -> str:
         fields["val"] = cfg.val
     if not cfg.batch_norm:
         fields["batch_norm"] = False
+    if cfg.patch_norm:  # the same filters, but LSUV's and kmeans-variance's scales see other outputs
+        fields["patch_norm"] = True
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

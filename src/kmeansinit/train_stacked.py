@@ -46,7 +46,7 @@ __all__ = ["train_stacked", "STACK_FIELDS", "stack_key"]
 #: optimizer step and when the loop evaluates and saves. Cells may differ in the rest (init, its
 #: options, images and cache, seed, out, tag).
 STACK_FIELDS = ("dataset", "data", "download", "label", "image_size", "crop", "flip", "model", "gated", "width",
-                "batch_norm", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "batch_size", "iterations",
+                "batch_norm", "patch_norm", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "batch_size", "iterations",
                 "lr_schedule", "halve_at", "warmup", "epochs", "val", "test_every", "labels", "eval_every",
                 "log_every", "checkpoint_every", "precision", "channels_last", "compile", "device")
 

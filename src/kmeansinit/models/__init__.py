@@ -36,16 +36,22 @@ NO_BN = ("paper", "vgg11", "coates")
 
 
 def create_model(name: str, num_classes: int = 10, width: float = 1.0, gated: bool = False, *,
-                 in_channels: int = 3, device=None, dtype=None, batch_norm: bool = True) -> nn.Module:
+                 in_channels: int = 3, device=None, dtype=None, batch_norm: bool = True,
+                 patch_norm: bool = False) -> nn.Module:
     """A zoo model by name (see :data:`MODELS`); ``gated=True`` makes its k x k convs (k > 1) gated;
-    ``batch_norm=False`` (PaperNet, VGG-11, the single-layer net) builds it without BN layers."""
+    ``batch_norm=False`` (PaperNet, VGG-11, the single-layer net) builds it without BN layers;
+    ``patch_norm=True`` (the single-layer net only) contrast-normalizes each patch before its filters."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    if patch_norm and name != "coates":
+        raise ValueError(f"patch_norm=True is offered for 'coates' only, not {name!r}")
     if name == "paper":  # PaperNet builds its gated form itself (the reference layout of Table 1)
         return PaperNet(num_classes, width, gated, in_channels, device=device, dtype=dtype, batch_norm=batch_norm)
     if not batch_norm and name not in NO_BN:
         raise ValueError(f"batch_norm=False is offered for {', '.join(NO_BN)} only; {name!r} is built with its BN layers")
     kw = {} if batch_norm else dict(batch_norm=False)  # the other constructors take no batch_norm
+    if patch_norm:
+        kw["patch_norm"] = True
     model = MODELS[name](num_classes=num_classes, width=width, in_channels=in_channels, device=device, dtype=dtype, **kw)
     return convert_to_gated(model, inplace=True) if gated else model
 
