@@ -255,6 +255,31 @@ def test_fair_grid_refines_the_best_rate_by_factors_of_two(tmp_path):
     assert best_lrs(tmp_path, "vgg11", "sgd", **kw) == ({"he": pytest.approx(lrs[1] * 2)}, {})
 
 
+def test_fair_sweep_says_why_it_adds_each_rate(tmp_path, monkeypatch):
+    from kmeansinit import fair
+
+    lrs = fair.FAIR_ARCHS["vgg11"].lrs["sgd"]
+    peak = lrs[0] / 4  # he peaks below the range
+
+    def fake_grid(cells, **kw):  # a score that falls with the distance from the peak, in octaves
+        for c in cells:
+            if not c.done:
+                _finish(c, 0.9 - abs(math.log2(c.config.lr / peak)) / 20)
+        return []
+
+    monkeypatch.setattr(fair, "run_grid", fake_grid)
+    lines = []
+    kw = dict(inits={"he": dict(init="he")})
+    assert fair._sweep(tmp_path, "vgg11", "sgd", kw, jobs=1, dry_run=False, log=lines.append, stack=1) == []
+    added = [line for line in lines if "adding lr" in line]
+    # Past the low end twice (the peak is the new end), then its factor-2 neighbours.
+    assert added == [f"vgg11 sgd he: best rate at an end of the range; adding lr {peak:g}",
+                     f"vgg11 sgd he: best rate at an end of the range; adding lr {peak / 4:g}",
+                     f"vgg11 sgd he: refining beside the best rate; adding lr {peak * 2:g}",
+                     f"vgg11 sgd he: refining beside the best rate; adding lr {peak / 2:g}"]
+    assert fair.best_lrs(tmp_path, "vgg11", "sgd", **kw) == ({"he": pytest.approx(peak)}, {})
+
+
 def test_a_folder_holding_another_cells_run_is_stale_not_done(tmp_path):
     """A finished final run at the old best rate must not pass for the cell at a new best rate."""
     import dataclasses

@@ -455,5 +455,7 @@ def _sweep(out, arch: str, opt: str, kw: dict, *, jobs: int, dry_run: bool, log,
         if not more:
             return failed
         for name, lr in more.items():
-            log(f"{arch} {opt} {name}: best rate at an end of the range; adding lr {lr:g}")
+            rates = [c.config.lr for c in cells if c.name.split("/")[0] == name]
+            why = "best rate at an end of the range" if not min(rates) < lr < max(rates) else "refining beside the best rate"
+            log(f"{arch} {opt} {name}: {why}; adding lr {lr:g}")
             (Path(out) / f"{arch}-{opt}" / "sweep" / name / _lr_name(lr)).mkdir(parents=True, exist_ok=True)
