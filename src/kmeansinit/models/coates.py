@@ -22,14 +22,15 @@ class PatchNormConv2d(nn.Conv2d):
     """A conv of contrast-normalized patches: each input patch ``p`` (all ``C k k`` values under a
     filter) is replaced by ``(p - mean(p)) / sqrt(var(p) + eps)`` before the filters are applied.
 
-    Coates, Lee & Ng (2011, sec. 3.1) normalize every patch's brightness and contrast this way both
-    when they learn their k-means dictionary and when they encode an image with it. The k-means
-    inits here learn on patches normalized the same way (``eps`` 1e-2, the default here, is theirs:
-    :class:`~kmeansinit.init.whiten.ZCASpace`) and map each centroid back to a raw filter ``w``, so
+    Coates, Lee & Ng (2011) normalize every patch's brightness and contrast this way both when they
+    learn their k-means dictionary and when they encode an image with it. The k-means inits here
+    learn on patches normalized the same way (with this layer's default ``eps``, 1e-2, the
+    ``eps_norm`` of :class:`~kmeansinit.init.whiten.ZCASpace`) and map each centroid back to a raw filter ``w``, so
     that a plain conv ranks patches as the centroid does only up to each patch's contrast
     ``sqrt(var(p) + eps)``; this layer divides that contrast out. It is computed in convolution
     form, without a patch matrix: ``(conv(x, w) - mean(p) sum(w)) / sqrt(var(p) + eps) + b``, the
-    patch moments from a conv of ``x`` and ``x**2`` with a ones filter. The weight and bias are an
+    patch moments from a conv of ``x`` and ``x**2`` with a ones filter, in float32 at least (under
+    bf16 autocast ``E[x^2] - E[x]^2`` would cancel to noise). The weight and bias are an
     ``nn.Conv2d``'s, so every init treats it as one (they see the raw input patches).
     """
 
@@ -47,11 +48,15 @@ class PatchNormConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
         d = w[0].numel()
-        ones = w.new_ones(1, *w.shape[1:])
-        mean = self._conv_forward(x, ones, None) / d  # (N, 1, H', W'): each patch's mean
-        var = (self._conv_forward(x.square(), ones, None) / d - mean.square()).clamp_min(0)
-        y = (self._conv_forward(x, w, None) - mean * w.sum(dim=(1, 2, 3)).reshape(1, -1, 1, 1)) * torch.rsqrt(var + self.eps)
-        return y if self.bias is None else y + self.bias.reshape(1, -1, 1, 1)
+        with torch.autocast(x.device.type, enabled=False):
+            xm = x if x.dtype in (torch.float32, torch.float64) else x.float()
+            ones = xm.new_ones(1, *w.shape[1:])
+            mean = self._conv_forward(xm, ones, None) / d  # (N, 1, H', W'): each patch's mean
+            var = (self._conv_forward(xm.square(), ones, None) / d - mean.square()).clamp_min(0)
+            scale = torch.rsqrt(var + self.eps)
+        y = self._conv_forward(x, w, None)
+        y = (y - (mean * w.sum(dim=(1, 2, 3)).reshape(1, -1, 1, 1)).to(y.dtype)) * scale.to(y.dtype)
+        return y if self.bias is None else y + self.bias.reshape(1, -1, 1, 1).to(y.dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", eps={self.eps}"
