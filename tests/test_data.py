@@ -106,7 +106,7 @@ def test_image_folder_decodes_and_caches(tmp_path):
     ds = load_image_folder(root)
     assert ds.train_x.shape == (6, 3, 8, 8) and ds.classes == ["cat", "dog"]
     expect = np.asarray(Image.open(root / "train" / "dog" / "0.png").convert("RGB"))
-    assert torch.equal(ds.train_x[3], torch.from_numpy(expect).permute(2, 0, 1))
+    assert torch.equal(ds.train_x[3], torch.from_numpy(expect.copy()).permute(2, 0, 1))
     assert ds.train_y.tolist() == [0, 0, 0, 1, 1, 1]
     cache = root / ".kmeansinit-cache-native.pt"
     assert cache.exists()
