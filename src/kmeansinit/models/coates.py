@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..objectives import patch_sq_norms, patch_sums
+
 __all__ = ["SingleLayerNet", "PatchNormConv2d", "coates"]
 
 
@@ -29,7 +31,7 @@ class PatchNormConv2d(nn.Conv2d):
     that a plain conv ranks patches as the centroid does only up to each patch's contrast
     ``sqrt(var(p) + eps)``; this layer divides that contrast out. It is computed in convolution
     form, without a patch matrix: ``(conv(x, w) - mean(p) sum(w)) / sqrt(var(p) + eps) + b``, the
-    patch moments from a conv of ``x`` and ``x**2`` with a ones filter, in float32 at least (under
+    patch moments by :func:`~kmeansinit.objectives.patch_sums` (as the init's own), in float32 at least (under
     bf16 autocast ``E[x^2] - E[x]^2`` would cancel to noise). The weight and bias are an
     ``nn.Conv2d``'s, so every init treats it as one (they see the raw input patches).
     """
@@ -48,13 +50,13 @@ class PatchNormConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
         d = w[0].numel()
+        y = self._conv_forward(x, w, None)
         with torch.autocast(x.device.type, enabled=False):
             xm = x if x.dtype in (torch.float32, torch.float64) else x.float()
-            ones = xm.new_ones(1, *w.shape[1:])
-            mean = self._conv_forward(xm, ones, None) / d  # (N, 1, H', W'): each patch's mean
-            var = (self._conv_forward(xm.square(), ones, None) / d - mean.square()).clamp_min(0)
+            shape = (y.shape[0], 1, *y.shape[2:])
+            mean = patch_sums(xm, self).reshape(shape) / d  # (N, 1, H', W'): each patch's mean
+            var = (patch_sq_norms(xm, self).reshape(shape) / d - mean.square()).clamp_min(0)
             scale = torch.rsqrt(var + self.eps)
-        y = self._conv_forward(x, w, None)
         y = (y - (mean * w.sum(dim=(1, 2, 3)).reshape(1, -1, 1, 1)).to(y.dtype)) * scale.to(y.dtype)
         return y if self.bias is None else y + self.bias.reshape(1, -1, 1, 1).to(y.dtype)
 
