@@ -332,6 +332,27 @@ def test_fair_dry_run_prints_the_sweep(capsys, tmp_path):
     assert len(few) == 12 * 4 and all("--labels 2000" in l and "--epochs 20.0" in l and "--model vgg11" in l
                                       and "--width 0.5" in l and "--no-batch-norm" not in l for l in few)
     assert sum("zca_eps=1.0" in l for l in few) == 4 and sum("--lr 0.8 " in l for l in few) == 12
+    # Other label counts at vgg11-labels2k's budgets in steps (300 to sweep, 900 final): only the labels differ.
+    assert main(["reproduce", "fair", "--arch", "vgg11-labels500", "--arch", "vgg11-labels8k",
+                 "--out", str(tmp_path / "n"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    lines = [l for l in out.splitlines() if l.startswith("python")]
+    for labels in (500, 8000):
+        few = [l for l in lines if f"--labels {labels} " in l]
+        assert len(few) == 12 * 4 and all("--iterations 300 " in l and "--epochs" not in l and "--width 0.5" in l
+                                          for l in few)
+    assert "x 3 seeds, 900 steps" in out
+
+
+def test_fair_step_budget_reaches_the_final_runs_and_a_longer_setting():
+    from kmeansinit.fair import FAIR_ARCHS, _longer, final_cells
+
+    cells = final_cells("/tmp/x", "vgg11-labels8k", "sgd", {"he": 0.05}, seeds=2)
+    assert [(c.config.iterations, c.config.epochs, c.config.labels) for c in cells] == [(900, None, 8000)] * 2
+    assert cells[0].config.resolved_iterations(8000) == 900  # not 14.5 epochs of 62 steps
+    longer = _longer("vgg11-labels500", ("he",))
+    assert longer.final_steps == 5 * FAIR_ARCHS["vgg11-labels500"].final_steps == 4500
+    assert _longer("vgg11", ("he",)).final_steps is None
 
 
 def test_fair_only_runs_the_named_inits_and_names_an_unknown_one(capsys, tmp_path):

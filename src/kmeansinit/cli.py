@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(kmeansinit stack; 1: every cell alone)")
     r.add_argument("--arch", action="append", default=None,
                    help="fair: settings (repeatable; default all: paper, resnet20, vgg11, mobilenetv2, paper-nobn, vgg11-nobn, "
-                        "paper-labels2k, vgg11-labels2k, and paper-long, paper-nobn-long, vgg11-long, mobilenetv2-long, vgg11-nobn-long: "
+                        "paper-labels2k, vgg11-labels2k, vgg11-labels500, vgg11-labels8k, and paper-long, paper-nobn-long, vgg11-long, mobilenetv2-long, vgg11-nobn-long: "
                         "a few inits at their source setting's chosen rates, 5x its final runs' epochs, "
                         "each also at x0.5 and x2 its rate, seed 0, extended where a best lies at an end (<setting>/ratecheck), "
                         "then more seeds of an init at a better rate found there (<setting>/tuned))")

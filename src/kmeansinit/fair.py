@@ -4,11 +4,11 @@ Two stages per architecture and optimizer, every choice made on a validation spl
 training set (``val`` images, the same for every run; the test set only gives the final numbers):
 
 1. ``sweep``: every init at every learning rate of the architecture's list, one seed, a short budget
-   (``sweep_epochs``). Where an init's best rate is at an end of the list, the grid adds the next rate
+   (``sweep_epochs``, or ``sweep_steps``). Where an init's best rate is at an end of the list, the grid adds the next rate
    beyond it (a factor ``step`` on), up to ``extend`` times, so that each best rate lies inside the
    range it was chosen from.
 2. ``final``: each init at its best rate (highest validation accuracy at the end of the sweep run),
-   ``seeds`` seeds, a longer budget (``final_epochs``).
+   ``seeds`` seeds, a longer budget (``final_epochs``, or ``final_steps``).
 
 A setting with ``rates_from`` has no sweep of its own: its final runs take each init's best rate from
 that setting's finished sweep (``paper-long``, ``vgg11-long``, ...: the source's rates, five times its
@@ -87,6 +87,15 @@ class FairArch:
     #: borrowed rate times each of these factors. A rate chosen on a short budget need not be the best
     #: for a longer one, and a lead that a baseline's neighbouring rate closes is no lead.
     rate_check: tuple = ()
+    #: A budget in optimizer steps instead of epochs (both stages; ``None``: the epochs above). The
+    #: few-label settings at other label counts than 2,000 keep its 300 and 900 steps, so that only the
+    #: number of labels changes between them.
+    sweep_steps: int | None = None
+    final_steps: int | None = None
+
+
+def _budget_text(epochs: float, steps: int | None) -> str:
+    return f"{steps} steps" if steps else f"{epochs:g} epochs"
 
 
 #: PaperNet keeps the paper's recipe (momentum 0.9, wd 1e-5, flips, lr halved after 2/3); the zoo nets
@@ -129,6 +138,13 @@ FAIR_ARCHS = {
     # rates); paper-labels2k's labels and budgets, VGG-11's rates, refined by 2 as its sweep was.
     "vgg11-labels2k": FairArch("vgg11", {"sgd": [0.0125, 0.05, 0.2, 0.8]}, width=0.5, refine=True, sweep_epochs=20.0,
                                final_epochs=60.0, extra=dict(labels=2000), inits=EPS1),
+    # How the few-label lead changes with the number of labels (twenty-seventh session): VGG-11 as
+    # above with 500 labels (50 a class) and 8,000 (800), at vgg11-labels2k's budgets in steps (300 to
+    # sweep, 900 for the final runs: 300 and 14.5 epochs of the labelled set), the unlabelled images
+    # the same 45,000.
+    **{f"vgg11-labels{name}": FairArch("vgg11", {"sgd": [0.0125, 0.05, 0.2, 0.8]}, width=0.5, refine=True,
+                                       sweep_steps=300, final_steps=900, extra=dict(labels=n), inits=EPS1)
+       for name, n in (("500", 500), ("8k", 8000))},
 }
 
 
@@ -140,6 +156,7 @@ def _longer(source: str, compare: tuple, factor: float = 5.0, optimizers: tuple 
     prefer another rate); ``rate_check`` factors train each init's neighbouring rates too, one seed."""
     a = FAIR_ARCHS[source]
     return replace(a, lrs={o: a.lrs[o] for o in optimizers}, final_epochs=factor * a.final_epochs,
+                   final_steps=round(factor * a.final_steps) if a.final_steps else None,
                    rates_from=source, compare=compare, refine=False, inits={}, rate_check=tuple(rate_check))
 
 
@@ -179,14 +196,15 @@ def _lr_name(lr: float) -> str:
     return f"lr{lr:g}"
 
 
-def _base(a: FairArch, optimizer: str, data: str, val: int, precision: str, epochs: float) -> dict:
+def _base(a: FairArch, optimizer: str, data: str, val: int, precision: str, epochs: float,
+          steps: int | None = None) -> dict:
     recipe = dict(RECIPES[a.recipe])
     if optimizer == "adam":
         recipe.update(optimizer="adam", nesterov=False)
     per_epoch = (50_000 - val) // 128  # CIFAR-10's training set less the validation split
     quarter = max(1, per_epoch // 4)
     return {**recipe, "model": a.model, "width": a.width, "data": data, "val": val, "precision": precision,
-            "epochs": epochs, "eval_every": quarter, "log_every": max(1, quarter // 2), "test_every": per_epoch,
+            "epochs": None if steps else epochs, **({"iterations": steps} if steps else {}), "eval_every": quarter, "log_every": max(1, quarter // 2), "test_every": per_epoch,
             "checkpoint_every": per_epoch // 2, **a.extra}
 
 
@@ -194,7 +212,7 @@ def sweep_cells(out, arch: str, optimizer: str, lrs=None, *, data: str = "../sha
                 precision: str = "bf16", inits=None) -> list[Cell]:
     a = FAIR_ARCHS[arch]
     root = Path(out) / f"{arch}-{optimizer}"
-    base = _base(a, optimizer, data, val, precision, a.sweep_epochs)
+    base = _base(a, optimizer, data, val, precision, a.sweep_epochs, a.sweep_steps)
     cells = []
     for name, kw in (inits or _inits(arch)).items():
         for lr in (lrs or {}).get(name, a.lrs[optimizer]):
@@ -262,7 +280,7 @@ def _final_budget(out, arch, optimizer, data, val, precision, inits):
     """(setting, its folder, the final runs' config, the inits, the init cache) of the cells trained
     at a setting's final budget: final runs, rate check, tuned seeds."""
     a = FAIR_ARCHS[arch]
-    base = _base(a, optimizer, data, val, precision, a.final_epochs)
+    base = _base(a, optimizer, data, val, precision, a.final_epochs, a.final_steps)
     # A setting that borrows another's rates shares its inits too (the same net, seed and images).
     cache = str(Path(out) / "init-cache" / (a.rates_from or arch))
     return a, Path(out) / f"{arch}-{optimizer}", base, inits or _inits(arch), cache
@@ -405,12 +423,12 @@ def run_fair(out, archs, optimizers=("sgd",), *, seeds: int = 3, jobs: int = 2, 
                                      f"{', '.join(missing)}; run `kmeansinit reproduce fair --arch {a.rates_from}` first")
                 best = {k: best[k] for k in inits if k in best}
                 plan = (f"each init at the best rate of the {a.rates_from} sweep x {seeds} seeds, "
-                        f"{a.final_epochs:g} epochs (chosen so far: {best})")
+                        f"{_budget_text(a.final_epochs, a.final_steps)} (chosen so far: {best})")
                 chosen = f"the {a.rates_from} sweep's best rates"
             else:
                 failed += _sweep(out, arch, opt, kw, jobs=jobs, dry_run=dry_run, log=log, stack=stack)
                 best, _ = best_lrs(out, arch, opt, **kw)
-                plan = (f"then each init's best rate x {seeds} seeds, {a.final_epochs:g} epochs"
+                plan = (f"then each init's best rate x {seeds} seeds, {_budget_text(a.final_epochs, a.final_steps)}"
                         + (f" (chosen so far: {best})" if best else " (chosen after the sweep)"))
                 chosen = "the best rates"
             if dry_run:
@@ -422,7 +440,7 @@ def run_fair(out, archs, optimizers=("sgd",), *, seeds: int = 3, jobs: int = 2, 
             if a.rate_check and best:
                 factors = ", ".join(f"{f:g}" for f in a.rate_check)
                 log(f"{'# ' if dry_run else ''}{arch} {opt}: rate check: each init at its rate x {factors}, "
-                    f"seed 0, {a.final_epochs:g} epochs")
+                    f"seed 0, {_budget_text(a.final_epochs, a.final_steps)}")
                 while True:  # extended, as the sweep is, where a best rate lies at an end
                     failed += run_grid(rate_check_cells(out, arch, opt, best, **kw), jobs=jobs, dry_run=dry_run,
                                        log=log, stack=stack)
