@@ -78,6 +78,102 @@ def test_patch_norm_coates_net_encodes_with_the_k_means_centroids_themselves():
         create_model("paper", patch_norm=True)
 
 
+def test_patch_whitening_outputs_each_patch_whitened_as_the_init_whitens_it():
+    """Each output position's channels are ZCASpace.whiten of that patch (zca_eps 0.1); on the
+    patches it was fitted to, their covariance is (C + eps I)^-1 C: identity up to the regularizer."""
+    from kmeansinit.init.whiten import ZCASpace, unfold_patches
+    from kmeansinit.models.coates import PatchWhitening
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 8, 8, dtype=torch.double) * torch.linspace(0.3, 2, 6, dtype=torch.double).view(6, 1, 1, 1)
+    white = PatchWhitening(3, 3, zca_eps=0.1).double()
+    with pytest.raises(RuntimeError, match="PatchWhitening is not fitted"):
+        white(x)
+    assert white.fit_(x, batch_size=4) is white and bool(white.fitted)
+    z = white(x)  # (N, 27, 6, 6)
+    assert z.shape == (6, 27, 6, 6)
+    geometry = nn.Conv2d(3, 1, 3)
+    space = ZCASpace(geometry, [x], eps_norm=1e-2, eps_zca=0.1)
+    expect = space.whiten(unfold_patches(x, geometry)).reshape(6, 6, 6, 27).permute(0, 3, 1, 2)
+    torch.testing.assert_close(z, expect)
+    rows = z.permute(0, 2, 3, 1).reshape(-1, 27)
+    torch.testing.assert_close(rows.mean(0), torch.zeros(27, dtype=torch.double), atol=1e-10, rtol=0)
+    p = unfold_patches(x, geometry).double()
+    p = (p - p.mean(1, keepdim=True)) / torch.sqrt(p.var(1, unbiased=False, keepdim=True) + 1e-2)
+    cov = torch.cov(p.t(), correction=0)
+    evals, evecs = torch.linalg.eigh(cov)
+    shrink = evecs @ torch.diag(evals / (evals.clamp_min(0) + 0.1 * evals.clamp_min(0).mean())) @ evecs.t()
+    torch.testing.assert_close(torch.cov(rows.t(), correction=0), shrink, atol=1e-8, rtol=1e-6)
+    # Buffers, not parameters: no init or optimizer sees them, and a state dict carries the fit.
+    assert not list(white.parameters()) and not list(white.children())
+    again = PatchWhitening(3, 3, zca_eps=0.1).double()
+    again.load_state_dict(white.state_dict())
+    torch.testing.assert_close(again(x), z)
+    with pytest.raises(ValueError, match=r"images must be \(N, 3, H, W\), got \(6, 1, 8, 8\)"):
+        white.fit_(x[:, :1])
+
+
+def test_triangle_code_is_the_mean_distance_minus_each_distance_to_the_unit_centroids():
+    from kmeansinit.models.coates import TriangleConv2d
+
+    torch.manual_seed(0)
+    layer = TriangleConv2d(5, 7).double()
+    z = torch.randn(2, 5, 3, 4, dtype=torch.double) * 3
+    c = layer.weight.flatten(1) / layer.weight.flatten(1).norm(dim=1, keepdim=True)
+    rows = z.permute(0, 2, 3, 1).reshape(-1, 5)
+    d = torch.cdist(rows, c)  # (positions, 7)
+    expect = (d.mean(1, keepdim=True) - d).clamp_min(0).reshape(2, 3, 4, 7).permute(0, 3, 1, 2)
+    torch.testing.assert_close(layer(z), expect)
+    with torch.no_grad():
+        layer.weight.mul_(torch.arange(1, 8, dtype=torch.double).view(7, 1, 1, 1))
+    torch.testing.assert_close(layer(z), expect)  # only the directions count
+    # Float32 at least under bf16 autocast, gradients finite.
+    z32 = z.float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer.float()(z32)
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert torch.isfinite(z32.grad).all()
+
+
+def test_coates_triangle_net_fits_its_whitening_then_clusters_the_whitened_patches():
+    from kmeansinit.models import fit_whitening_
+    from kmeansinit.models.coates import PatchWhitening, TriangleConv2d
+
+    torch.manual_seed(0)
+    net = create_model("coates-triangle", width=0.005)  # 8 centroids
+    white, tri = net.features[0], net.features[1]
+    assert isinstance(white, PatchWhitening) and isinstance(tri, TriangleConv2d) and net.encoder == "triangle"
+    assert (white.out_channels, tri.in_channels, tri.out_channels, net.classifier.in_features) == (108, 108, 8, 32)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    x = torch.rand(12, 3, 32, 32) * 2 - 1
+    assert fit_whitening_(net, x) == 1
+    report = initialize_(net, "kmeans-layerwise", x, seed=0, progress=False)
+    assert [r.name for r in report.layers] == ["features.1"]  # the whitening is no init's layer
+    torch.testing.assert_close(white.weight, PatchWhitening(3, 6).fit_(x).weight)  # left as fitted
+    # Spherical k-means on the whitened patches: every centroid is closer (in cosine) to the patches
+    # assigned to it than a random direction is.
+    z = white(x).permute(0, 2, 3, 1).reshape(-1, 108)
+    c = tri.weight.flatten(1)
+    c = c / c.norm(dim=1, keepdim=True)
+    assert (z @ c.t()).max(1).values.mean() > (z @ F.normalize(torch.randn(8, 108), dim=1).t()).max(1).values.mean()
+    out = net.features(x)
+    assert out.shape == (12, 32) and torch.isfinite(out).all() and (out >= 0).all()
+    with pytest.raises(ValueError, match="coates-triangle has no BN layers"):
+        create_model("coates-triangle", batch_norm=False)
+    with pytest.raises(ValueError, match="encoder must be 'relu' or 'triangle'"):
+        SingleLayerNet(encoder="soft")
+
+
+def test_probe_of_the_triangle_net_fits_its_whitening_first(fake_cifar10, tmp_path):
+    cfg = ProbeConfig(data=str(fake_cifar10), model="coates-triangle", width=0.02, init="kmeans-layerwise",
+                      init_images=16, val=20, labels=20, calibrate_images=30, weight_decays=(1e-2,), max_iter=10,
+                      extend=0, out=str(tmp_path / "p"))
+    saved = probe(cfg, log=lambda line: None)
+    assert saved["features"] == 4 * 32 and saved["init_report"]["layers"][0]["name"] == "features.1"
+    assert 0 <= saved["test_acc"] <= 1
+
+
 def _bn_net():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=0.3), nn.ReLU(), nn.Flatten(),

@@ -93,3 +93,5 @@ def test_unstackable_models_are_refused():
     nets = [create_model("coates", width=0.01, patch_norm=True) for _ in range(2)]
     with pytest.raises(ValueError, match="cannot stack PatchNormConv2d"):
         stack_models(nets)
+    with pytest.raises(ValueError, match="cannot stack PatchWhitening"):
+        stack_models([create_model("coates-triangle", width=0.01) for _ in range(2)])

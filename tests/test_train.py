@@ -347,6 +347,24 @@ def test_patch_norm_from_the_cli_its_init_cache_key_and_grid_command(fake_cifar1
         TrainConfig(patch_norm=True).validate()
 
 
+def test_triangle_net_trains_with_its_whitening_fitted_and_cached(fake_cifar10, tmp_path):
+    """kmeansinit train fits coates-triangle's patch whitening on the init images before the init;
+    the init cache carries it, so a second run that loads the init starts from the same net."""
+    def run(name):
+        out = tmp_path / name
+        rc = main(["train", "--data", str(fake_cifar10), "--out", str(out), "--model", "coates-triangle", "--width",
+                   "0.01", "--batch-size", "8", "--iterations", "2", "--eval-every", "2", "--log-every", "2", "--init",
+                   "kmeans-layerwise", "--init-images", "16", "--init-cache", str(tmp_path / "cache"), "--quiet"])
+        assert rc == 0
+        return torch.load(out / "final.pt")
+
+    first, second = run("a"), run("b")
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    assert bool(first["features.0.fitted"]) and first["features.0.weight"].abs().sum() > 0
+    for k, v in first.items():
+        torch.testing.assert_close(second[k], v, rtol=0, atol=0, msg=k)
+
+
 def test_he_variance_norm_run_has_the_kmeans_variance_runs_norms(fake_cifar10, tmp_path):
     # train passes the run's seed to the control's kmeans-variance copy: the same norms as the
     # kmeans-variance run of that seed (on the same init images), in every conv it clusters.

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .data import BatchLoader, Normalizer, load_dataset
 from .distributed import all_reduce_, broadcast_object, cleanup, convert_sync_batchnorm, setup, world
 from .init import DATA_FREE, RUNS_KMEANS, check_options, initialize_, seeded_options
-from .models import MODELS, create_model
+from .models import MODELS, create_model, fit_whitening_
 
 __all__ = ["TrainConfig", "train", "lr_at", "RunError", "Interrupted", "RECIPES", "VAL_SEED", "split_validation",
            "load_state"]
@@ -712,6 +712,8 @@ def _init(model: nn.Module, cfg: TrainConfig, ds, norm: Normalizer, device, prog
     idx = torch.randperm(src.shape[0], generator=g)[:n]
     # Unlabelled images, normalized exactly as the training batches are.
     images = torch.cat([norm(part.to(device)) for part in src[idx].split(1024)]) if n else None
+    # A net's own data-fitted layer (coates-triangle's patch whitening) first: every init sees its output.
+    fit_whitening_(model, images, seed=cfg.seed)
     needs = cfg.init not in DATA_FREE
     return initialize_(model, cfg.init, images if needs else None, **init_options(cfg, progress))
 

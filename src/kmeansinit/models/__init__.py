@@ -10,7 +10,7 @@ import copy
 import torch.nn as nn
 
 from ..layers import GatedConv2d
-from .coates import SingleLayerNet, coates
+from .coates import PatchWhitening, SingleLayerNet, coates, coates_triangle, fit_whitening_
 from .mobilenet import MobileNetV2, mobilenetv2
 from .paper import CONV_SPEC, HIDDEN, PaperNet, count_parameters, matching_width
 from .resnet import CifarResNet, resnet20, resnet56
@@ -18,7 +18,7 @@ from .vgg import VGG, vgg11
 
 __all__ = [
     "MODELS", "create_model", "convert_to_gated", "PaperNet", "CifarResNet", "VGG", "MobileNetV2", "SingleLayerNet",
-    "count_parameters", "matching_width", "CONV_SPEC", "HIDDEN",
+    "fit_whitening_", "count_parameters", "matching_width", "CONV_SPEC", "HIDDEN",
 ]
 
 #: name -> constructor taking ``num_classes``, ``width``, ``in_channels``, ``device``, ``dtype``.
@@ -29,6 +29,7 @@ MODELS = {
     "vgg11": vgg11,
     "mobilenetv2": mobilenetv2,
     "coates": coates,
+    "coates-triangle": coates_triangle,
 }
 
 #: models that can be built without BN (``batch_norm=False``): the nets where an init's scale matters.
@@ -47,6 +48,9 @@ def create_model(name: str, num_classes: int = 10, width: float = 1.0, gated: bo
         raise ValueError(f"patch_norm=True is offered for 'coates' only, not {name!r}")
     if name == "paper":  # PaperNet builds its gated form itself (the reference layout of Table 1)
         return PaperNet(num_classes, width, gated, in_channels, device=device, dtype=dtype, batch_norm=batch_norm)
+    if not batch_norm and name == "coates-triangle":
+        raise ValueError("coates-triangle has no BN layers (its triangle encoder normalizes every patch); "
+                         "leave batch_norm at its default")
     if not batch_norm and name not in NO_BN:
         raise ValueError(f"batch_norm=False is offered for {', '.join(NO_BN)} only; {name!r} is built with its BN layers")
     kw = {} if batch_norm else dict(batch_norm=False)  # the other constructors take no batch_norm
