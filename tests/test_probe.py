@@ -127,6 +127,11 @@ def test_triangle_code_is_the_mean_distance_minus_each_distance_to_the_unit_cent
     with torch.no_grad():
         layer.weight.mul_(torch.arange(1, 8, dtype=torch.double).view(7, 1, 1, 1))
     torch.testing.assert_close(layer(z), expect)  # only the directions count
+    with torch.no_grad():  # the in-place path of a frozen encoder
+        torch.testing.assert_close(layer(z), expect)
+    layer.requires_grad_(False)
+    torch.testing.assert_close(layer(z), expect)
+    layer.requires_grad_(True)
     # Float32 at least under bf16 autocast, gradients finite.
     z32 = z.float().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):

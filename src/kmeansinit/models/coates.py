@@ -167,8 +167,15 @@ class TriangleConv2d(nn.Conv2d):
             zf = z if z.dtype in (torch.float32, torch.float64) else z.float()
             c = unit_filters(self.weight.to(zf.dtype))
             a = self._conv_forward(zf, c, None)  # <z, c_k>
-            d = (zf.square().sum(dim=1, keepdim=True) + 1 - 2 * a).clamp_min(1e-12).sqrt()
-            return torch.relu(d.mean(dim=1, keepdim=True) - d)
+            sq = zf.square().sum(dim=1, keepdim=True) + 1  # ||z||^2 + ||c_k||^2
+            if torch.is_grad_enabled() and (zf.requires_grad or c.requires_grad):
+                d = (sq - 2 * a).clamp_min(1e-12).sqrt()
+                return torch.relu(d.mean(dim=1, keepdim=True) - d)
+            # No graph to keep: in place on the one (N, K, H, W) tensor, a fraction of the memory
+            # traffic (a frozen layer encoding a dataset, as the probe does, is bound by it).
+            d = a.mul_(-2).add_(sq).clamp_min_(1e-12).sqrt_()
+            mean = d.mean(dim=1, keepdim=True)
+            return d.neg_().add_(mean).relu_()
 
 
 class SingleLayerNet(nn.Module):
