@@ -140,8 +140,8 @@ FAIR_ARCHS = {
                                final_epochs=60.0, extra=dict(labels=2000), inits=EPS1),
     # How the few-label lead changes with the number of labels (twenty-seventh session): VGG-11 as
     # above with 500 labels (50 a class) and 8,000 (800), at vgg11-labels2k's budgets in steps (300 to
-    # sweep, 900 for the final runs: 300 and 14.5 epochs of the labelled set), the unlabelled images
-    # the same 45,000.
+    # sweep, 900 for the final runs: 300 labelled epochs at 500 labels, 14.5 at 8,000), the unlabelled
+    # images the same 45,000.
     **{f"vgg11-labels{name}": FairArch("vgg11", {"sgd": [0.0125, 0.05, 0.2, 0.8]}, width=0.5, refine=True,
                                        sweep_steps=300, final_steps=900, extra=dict(labels=n), inits=EPS1)
        for name, n in (("500", 500), ("8k", 8000))},
@@ -204,8 +204,8 @@ def _base(a: FairArch, optimizer: str, data: str, val: int, precision: str, epoc
     per_epoch = (50_000 - val) // 128  # CIFAR-10's training set less the validation split
     quarter = max(1, per_epoch // 4)
     return {**recipe, "model": a.model, "width": a.width, "data": data, "val": val, "precision": precision,
-            "epochs": None if steps else epochs, **({"iterations": steps} if steps else {}), "eval_every": quarter, "log_every": max(1, quarter // 2), "test_every": per_epoch,
-            "checkpoint_every": per_epoch // 2, **a.extra}
+            "epochs": None if steps else epochs, **({"iterations": steps} if steps else {}), "eval_every": quarter,
+            "log_every": max(1, quarter // 2), "test_every": per_epoch, "checkpoint_every": per_epoch // 2, **a.extra}
 
 
 def sweep_cells(out, arch: str, optimizer: str, lrs=None, *, data: str = "../shared/data", val: int = 5000,

@@ -10,7 +10,7 @@ import copy
 import torch.nn as nn
 
 from ..layers import GatedConv2d
-from .coates import PatchWhitening, SingleLayerNet, coates, coates_triangle, fit_whitening_
+from .coates import SingleLayerNet, coates, coates_triangle, fit_whitening_
 from .mobilenet import MobileNetV2, mobilenetv2
 from .paper import CONV_SPEC, HIDDEN, PaperNet, count_parameters, matching_width
 from .resnet import CifarResNet, resnet20, resnet56
