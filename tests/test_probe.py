@@ -156,8 +156,8 @@ def test_coates_triangle_net_fits_its_whitening_then_clusters_the_whitened_patch
     report = initialize_(net, "kmeans-layerwise", x, seed=0, progress=False)
     assert [r.name for r in report.layers] == ["features.1"]  # the whitening is no init's layer
     torch.testing.assert_close(white.weight, PatchWhitening(3, 6).fit_(x).weight)  # left as fitted
-    # Spherical k-means on the whitened patches: every centroid is closer (in cosine) to the patches
-    # assigned to it than a random direction is.
+    # Spherical k-means on the whitened patches: a patch's best response among the centroids is
+    # higher, on average, than among as many random unit directions.
     z = white(x).permute(0, 2, 3, 1).reshape(-1, 108)
     c = tri.weight.flatten(1)
     c = c / c.norm(dim=1, keepdim=True)
