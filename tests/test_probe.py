@@ -150,7 +150,7 @@ def test_coates_triangle_net_fits_its_whitening_then_clusters_the_whitened_patch
     white, tri = net.features[0], net.features[1]
     assert isinstance(white, PatchWhitening) and isinstance(tri, TriangleConv2d) and net.encoder == "triangle"
     assert (white.out_channels, tri.in_channels, tri.out_channels, net.classifier.in_features) == (108, 108, 8, 32)
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules()) and not net.batch_norm
     x = torch.rand(12, 3, 32, 32) * 2 - 1
     assert fit_whitening_(net, x) == 1
     report = initialize_(net, "kmeans-layerwise", x, seed=0, progress=False)

@@ -218,8 +218,9 @@ class SingleLayerNet(nn.Module):
             nn.Flatten(),
         )
         self.classifier = nn.Linear(k * pool * pool, num_classes, **kw)
-        self.num_classes, self.width, self.batch_norm, self.patch_norm = num_classes, width, batch_norm, patch_norm
-        self.encoder = encoder
+        # batch_norm: whether the net has BN layers (the triangle encoder has none).
+        self.num_classes, self.width, self.patch_norm, self.encoder = num_classes, width, patch_norm, encoder
+        self.batch_norm = batch_norm and encoder == "relu"
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
