@@ -203,9 +203,10 @@ def _base(a: FairArch, optimizer: str, data: str, val: int, precision: str, epoc
         recipe.update(optimizer="adam", nesterov=False)
     per_epoch = (50_000 - val) // 128  # CIFAR-10's training set less the validation split
     quarter = max(1, per_epoch // 4)
-    return {**recipe, "model": a.model, "width": a.width, "data": data, "val": val, "precision": precision,
-            "epochs": None if steps else epochs, **({"iterations": steps} if steps else {}), "eval_every": quarter,
-            "log_every": max(1, quarter // 2), "test_every": per_epoch, "checkpoint_every": per_epoch // 2, **a.extra}
+    budget = {"iterations": steps, "epochs": None} if steps else {"epochs": epochs}
+    return {**recipe, "model": a.model, "width": a.width, "data": data, "val": val, "precision": precision, **budget,
+            "eval_every": quarter, "log_every": max(1, quarter // 2), "test_every": per_epoch,
+            "checkpoint_every": per_epoch // 2, **a.extra}
 
 
 def sweep_cells(out, arch: str, optimizer: str, lrs=None, *, data: str = "../shared/data", val: int = 5000,
