@@ -342,6 +342,12 @@ def test_fair_dry_run_prints_the_sweep(capsys, tmp_path):
         assert len(few) == 12 * 4 and all("--iterations 300 " in l and "--epochs" not in l and "--width 0.5" in l
                                           for l in few)
     assert "x 3 seeds, 900 steps" in out
+    # Few labels on ResNet-20: its rates and the zoo recipe at the same step budgets.
+    assert main(["reproduce", "fair", "--arch", "resnet20-labels2k", "--out", str(tmp_path / "r"), "--dry-run"]) == 0
+    few = [l for l in capsys.readouterr().out.splitlines() if l.startswith("python")]
+    assert len(few) == 12 * 4 and all("--labels 2000 " in l and "--iterations 300 " in l and "--model resnet20" in l
+                                      for l in few)
+    assert sum("zca_eps=1.0" in l for l in few) == 4 and sum("--lr 0.0125 " in l for l in few) == 12
 
 
 def test_fair_step_budget_reaches_the_final_runs_and_a_longer_setting():

@@ -206,9 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stack", type=int, default=1, metavar="N",
                    help="train up to N cells that share a model shape and optimizer as one stacked model "
                         "(kmeansinit stack; 1: every cell alone)")
+    from .fair import FAIR_ARCHS
+
+    swept = ", ".join(k for k, a in FAIR_ARCHS.items() if a.rates_from is None)
+    longer = ", ".join(k for k, a in FAIR_ARCHS.items() if a.rates_from is not None)
     r.add_argument("--arch", action="append", default=None,
-                   help="fair: settings (repeatable; default all: paper, resnet20, vgg11, mobilenetv2, paper-nobn, vgg11-nobn, "
-                        "paper-labels2k, vgg11-labels2k, vgg11-labels500, vgg11-labels8k, and paper-long, paper-nobn-long, vgg11-long, mobilenetv2-long, vgg11-nobn-long: "
+                   help=f"fair: settings (repeatable; default all: {swept}, and {longer}: "
                         "a few inits at their source setting's chosen rates, 5x its final runs' epochs, "
                         "each also at x0.5 and x2 its rate, seed 0, extended where a best lies at an end (<setting>/ratecheck), "
                         "then more seeds of an init at a better rate found there (<setting>/tuned))")

@@ -145,6 +145,10 @@ FAIR_ARCHS = {
     **{f"vgg11-labels{name}": FairArch("vgg11", {"sgd": [0.0125, 0.05, 0.2, 0.8]}, width=0.5, refine=True,
                                        sweep_steps=300, final_steps=900, extra=dict(labels=n), inits=EPS1)
        for name, n in (("500", 500), ("8k", 8000))},
+    # Few labels on a residual net (twenty-eighth session): ResNet-20 with 2,000 labels at the VGG-11
+    # label settings' budgets in steps; ResNet-20's rates, refined by 2 as theirs were.
+    "resnet20-labels2k": FairArch("resnet20", {"sgd": [0.0125, 0.05, 0.2, 0.8]}, refine=True, sweep_steps=300,
+                                  final_steps=900, extra=dict(labels=2000), inits=EPS1),
 }
 
 
