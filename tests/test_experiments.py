@@ -361,6 +361,15 @@ def test_fair_step_budget_reaches_the_final_runs_and_a_longer_setting():
     assert _longer("vgg11", ("he",)).final_steps is None
 
 
+def test_reproduce_help_names_every_fair_setting():
+    from kmeansinit.cli import build_parser
+    from kmeansinit.fair import FAIR_ARCHS
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["reproduce"]
+    text = next(a for a in sub._actions if a.dest == "arch").help
+    assert all(f" {name}," in text or f" {name}:" in text for name in FAIR_ARCHS)
+
+
 def test_fair_only_runs_the_named_inits_and_names_an_unknown_one(capsys, tmp_path):
     from kmeansinit.cli import main
 
