@@ -1,8 +1,8 @@
 """Coates, Lee & Ng (2011)'s single-layer pipeline, step by step, to find where our probe of
 ``coates-triangle`` (72.5% test) loses against their 77.9% (1,600 centroids, 6x6, stride 1).
 
-Three commands (twenty-ninth session; one thread each on the 2-core host, about 45 minutes for
-``features`` and 15 for each ``fit``):
+Three commands (twenty-ninth session; one thread each on the 2-core host: about 50 minutes for
+``euclid-probe`` and 45 for ``features``, 20 for the logistic ``fit`` and 20 a regularizer for the SVM):
 
     # 1. their k-means inside our probe: our normalized images, PatchWhitening (eps_norm 0.01) fitted
     #    on 400,000 patches of 8,192 training images, Euclidean k-means (50 iterations, centroids
@@ -13,7 +13,8 @@ Three commands (twenty-ninth session; one thread each on the 2-core host, about 
     #    sums); the features are saved
     python docs/results/probe/coates_reference.py features --eps-norm 10 --out runs/coates-ref/exact.pt
     # 3. a classifier on saved features: our logistic probe (lr) or their L2-SVM (svm)
-    python docs/results/probe/coates_reference.py fit runs/coates-ref/exact.pt --classifier svm
+    python docs/results/probe/coates_reference.py fit runs/coates-ref/exact.pt --classifier lr
+    python docs/results/probe/coates_reference.py fit runs/coates-ref/exact.pt --classifier svm --weight-decays 0.1 0.01
 
 Validation (5,000 held-out training images) chooses every regularizer; the test set is CIFAR-10's.
 Not a library module: a reference for docs/results/probe/README.md, kept beside its numbers.
