@@ -67,7 +67,10 @@ def random_patches(images: torch.Tensor, n: int, g: torch.Generator, size: int =
     h = images.shape[-1] - size + 1
     img = torch.randint(len(images), (n,), generator=g)
     r, c = torch.randint(h, (n,), generator=g), torch.randint(h, (n,), generator=g)
-    return torch.stack([images[i, :, a:a + size, b:b + size] for i, a, b in zip(img.tolist(), r.tolist(), c.tolist())])
+    k = torch.arange(size)
+    # one gather: (n, size, size) indices broadcast, then the channel slice last -> (n, size, size, C)
+    out = images[img[:, None, None], :, (r[:, None] + k)[:, :, None], (c[:, None] + k)[:, None, :]]
+    return out.permute(0, 3, 1, 2).contiguous()
 
 
 def euclid_probe(a) -> None:
