@@ -15,6 +15,9 @@ Three commands (twenty-ninth session; one thread each on the 2-core host: about 
     # 3. a classifier on saved features: our logistic probe (lr) or their L2-SVM (svm)
     python docs/results/probe/coates_reference.py fit runs/coates-ref/exact.pt --classifier lr
     python docs/results/probe/coates_reference.py fit runs/coates-ref/exact.pt --classifier svm --weight-decays 0.1 0.01
+    # 4. (thirtieth session) as Coates et al.: all 50,000 training images, the regularizer chosen above
+    python docs/results/probe/coates_reference.py fit runs/coates-ref/exact.pt --classifier lr --train-all 0.001
+    python docs/results/probe/coates_reference.py fit runs/coates-ref/exact.pt --classifier svm --train-all 0.01
 
 Validation (5,000 held-out training images) chooses every regularizer; the test set is CIFAR-10's.
 Not a library module: a reference for docs/results/probe/README.md, kept beside its numbers.
