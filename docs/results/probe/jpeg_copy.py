@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+from kmeansinit.data import CIFAR_SOURCES
+
+SRC = CIFAR_SOURCES["cifar10"]  # the official layout's folder and file names
 
 
 def recompress(images: np.ndarray, quality: int, shift: int) -> np.ndarray:
@@ -49,13 +51,13 @@ def main(argv=None) -> int:
     ap.add_argument("--quality", type=int, default=75)
     ap.add_argument("--shift", type=int, default=4, help="pixels each image is shifted before coding")
     args = ap.parse_args(argv)
-    src, dst = Path(args.data) / "cifar-10-batches-py", Path(args.out) / "cifar-10-batches-py"
-    if not (src / "batches.meta").is_file():
-        sys.exit(f"error: --data {args.data}: no cifar-10-batches-py/batches.meta there")
+    src, dst = Path(args.data) / SRC["folder"], Path(args.out) / SRC["folder"]
+    if not (src / SRC["meta"]).is_file():
+        sys.exit(f"error: --data {args.data}: no {SRC['folder']}/{SRC['meta']} there")
     dst.mkdir(parents=True, exist_ok=True)
-    (dst / "batches.meta").write_bytes((src / "batches.meta").read_bytes())
+    (dst / SRC["meta"]).write_bytes((src / SRC["meta"]).read_bytes())
     errs = []
-    for name in FILES:
+    for name in SRC["train"] + SRC["test"]:
         with open(src / name, "rb") as f:
             d = pickle.load(f, encoding="latin1")
         new = recompress(d["data"], args.quality, args.shift)
