@@ -131,12 +131,13 @@ def features(a) -> None:
 def fit(a) -> None:
     blob = torch.load(a.features)
     f, y = blob["feats"], blob["y"]
+    weight_decays = a.weight_decays
     if a.train_all is not None:  # as Coates et al.: all 50,000 training images, one regularizer chosen before
         f = dict(f, train=torch.cat([f["train"], f["val"]]))
         y = dict(y, train=torch.cat([y["train"], y["val"]]))
-        a.weight_decays = [a.train_all]
+        weight_decays = [a.train_all]
     if a.classifier == "lr":  # our probe: standardized features, multinomial logistic regression
-        wds = {} if a.train_all is None else dict(weight_decays=[a.train_all], extend=0)
+        wds = {} if a.train_all is None else dict(weight_decays=weight_decays, extend=0)
         p = fit_linear_probe(f["train"], y["train"], f["val"], y["val"], num_classes=10, log=print, **wds)
         out = dict(classifier="logistic", weight_decay=p.weight_decay, val_acc=p.accuracy(f["val"], y["val"]),
                    test_acc=p.accuracy(f["test"], y["test"]), train_acc=p.accuracy(f["train"], y["train"]),
@@ -148,7 +149,7 @@ def fit(a) -> None:
         target[torch.arange(len(y["train"])), y["train"]] = 1
         theta = torch.zeros(z["train"].shape[1], 10, requires_grad=True)
         res = {}
-        for wd in a.weight_decays:  # their C = 100 is wd = 0.01; warm start from the previous
+        for wd in weight_decays:  # their C = 100 is wd = 0.01; warm start from the previous
             opt = torch.optim.LBFGS([theta], lr=1, max_iter=500, history_size=20, tolerance_grad=1e-7,
                                     tolerance_change=1e-10, line_search_fn="strong_wolfe")
 
