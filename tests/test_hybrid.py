@@ -101,3 +101,36 @@ def test_lsuv_skip_leaves_those_layers_alone_and_names_an_unknown_one():
         lsuv_(model, x, skip=["nope"])
     with pytest.raises(ValueError, match="layers must be a positive int"):
         initialize_(create_model("paper", width=0.25), "kmeans-lsuv", x, layers=0, **FAST)
+
+
+def test_kmeans_fast_is_kmeans_lsuv_on_the_first_layer_with_sampled_statistics():
+    # 72 images: 73,728 first-layer patches, more than the 65,536 kmeans-fast's statistics take, so
+    # the default is seen (kmeans-lsuv with every patch gives other weights).
+    x = _images(72)
+    opts = dict(progress=False, steps=2)
+
+    def run(method, **kw):
+        torch.manual_seed(0)
+        m = create_model("paper", width=0.25)
+        return m, initialize_(m, method, x, seed=3, **opts, **kw)
+
+    fast, rep = run("kmeans-fast")
+    same, _ = run("kmeans-lsuv", layers=1, stat_patches=2**16)
+    every, _ = run("kmeans-lsuv", layers=1)
+    for (k, a), b in zip(fast.named_parameters(), same.parameters()):
+        assert torch.equal(a, b), k
+    first = rep.layers[0].name
+    assert dict(fast.named_parameters())[first + ".weight"].shape[1] == 3  # the first conv
+    assert not torch.equal(dict(fast.named_parameters())[first + ".weight"], dict(every.named_parameters())[first + ".weight"])
+    assert rep.method == "kmeans-fast" and rep.options["layers"] == 1 and rep.options["stat_patches"] == 2**16
+    assert sorted(r.name for r in rep.layers) == sorted(find_layers(fast, include_linear=True))
+
+
+def test_kmeans_fast_options_are_checked_by_name():
+    from kmeansinit.init import check_options
+
+    check_options("kmeans-fast", dict(layers=2, stat_patches=None, zca_eps=1.0))
+    with pytest.raises(ValueError, match="kmeans-fast option stat_patches must be an integer"):
+        check_options("kmeans-fast", dict(stat_patches="many"))
+    with pytest.raises(ValueError, match="zca_epz"):
+        check_options("kmeans-fast", dict(zca_epz=1.0))

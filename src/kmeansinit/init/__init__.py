@@ -13,12 +13,12 @@ from .kmeans import KMeansOptions, joint_objective, kmeans_init_, scale_filters_
 from .options import check_type
 from .report import InitReport, LayerReport
 from .controls import he_kmeans_norm_, he_variance_norm_
-from .hybrid import kmeans_lsuv_
+from .hybrid import kmeans_fast_, kmeans_lsuv_
 
 __all__ = [
     "initialize_", "METHODS", "PRESETS", "DATA_FREE", "kmeans_init_", "KMeansOptions", "joint_objective", "normal_", "xavier_", "he_",
     "lsuv_", "whitening_", "scale_filters_", "fans", "InitReport", "LayerReport", "he_kmeans_norm_",
-    "he_variance_norm_", "kmeans_lsuv_", "RUNS_KMEANS", "check_options", "seeded_options",
+    "he_variance_norm_", "kmeans_lsuv_", "kmeans_fast_", "RUNS_KMEANS", "check_options", "seeded_options",
 ]
 
 #: k-means presets: keyword arguments of :func:`kmeans_init_`; explicit options override them.
@@ -47,12 +47,13 @@ PRESETS: dict[str, dict] = {
 }
 
 _DATA_FREE = {"normal": normal_, "xavier": xavier_, "he": he_, "he-kmeans-norm": he_kmeans_norm_}
-_DATA = {"lsuv": lsuv_, "whitening": whitening_, "he-variance-norm": he_variance_norm_, "kmeans-lsuv": kmeans_lsuv_}
+_DATA = {"lsuv": lsuv_, "whitening": whitening_, "he-variance-norm": he_variance_norm_, "kmeans-lsuv": kmeans_lsuv_,
+         "kmeans-fast": kmeans_fast_}
 DATA_FREE = tuple(_DATA_FREE)  # methods that need no images
 METHODS = tuple(_DATA_FREE) + tuple(_DATA) + tuple(PRESETS)
 #: Methods that run the k-means init (the presets, the control that runs one on a copy, the hybrid): they take
 #: its ``seed`` and ``progress`` options.
-RUNS_KMEANS = tuple(PRESETS) + ("he-variance-norm", "kmeans-lsuv")
+RUNS_KMEANS = tuple(PRESETS) + ("he-variance-norm", "kmeans-lsuv", "kmeans-fast")
 
 
 def check_options(method: str, options: dict) -> None:
@@ -78,7 +79,7 @@ def check_options(method: str, options: dict) -> None:
             check_type(f"{method} option {key}", value, hints.get(key))
         elif not rest:
             raise ValueError(f"init {method!r} takes no option {key!r}; valid: {', '.join(named) or 'none'}")
-    if rest:  # he-variance-norm and kmeans-lsuv hand their other options to a kmeans-variance run
+    if rest:  # he-variance-norm, kmeans-lsuv and kmeans-fast hand their other options to a kmeans-variance run
         check_options("kmeans-variance", {k: v for k, v in opts.items() if k not in named})
 
 
@@ -100,6 +101,7 @@ def initialize_(model: nn.Module, method: str, images: Tensor | None = None, **o
     Methods: ``"normal"`` (std 1e-3), ``"xavier"``, ``"he"``, ``"he-kmeans-norm"`` (no data);
     ``"lsuv"``, ``"whitening"``, ``"he-variance-norm"`` (He's directions at ``kmeans-variance``'s norms),
     ``"kmeans-lsuv"`` (``kmeans-variance`` in the first ``layers=2`` layers, LSUV in the others),
+    ``"kmeans-fast"`` (the same with ``layers=1`` and ZCA statistics from at most 65,536 patches),
     ``"kmeans"`` (our first preset), ``"kmeans-he-norm"`` and ``"kmeans-variance"`` (its directions at
     He's norm, or at unit output variance per layer), ``"kmeans-joint"``, ``"kmeans-paper"`` (the
     paper's recipe), ``"kmeans-layerwise"`` (these need ``images``). ``options`` go to the underlying function and override a preset's values.

@@ -1,4 +1,4 @@
-"""k-means where it is known to help, LSUV everywhere else (``kmeans-lsuv``).
+"""k-means where it is known to help, LSUV everywhere else (``kmeans-lsuv``, and its cheap form ``kmeans-fast``).
 
 Whitened-patch k-means gives first layers filters like the ones training learns (Coates & Ng 2011);
 deeper in a net it clusters ReLU features, and on VGG-11 and ResNet-20 the k-means presets were not
@@ -18,7 +18,7 @@ from torch import Tensor
 from .baselines import lsuv_
 from .report import InitReport
 
-__all__ = ["kmeans_lsuv_"]
+__all__ = ["kmeans_lsuv_", "kmeans_fast_"]
 
 
 def kmeans_lsuv_(model: nn.Module, images: Tensor, *, layers: int = 2, seed: int = 0,
@@ -33,6 +33,34 @@ def kmeans_lsuv_(model: nn.Module, images: Tensor, *, layers: int = 2, seed: int
     report's ``skipped``. The report lists the k-means layers' records, then LSUV's; ``seconds`` is the
     whole init's.
     """
+    return _hybrid(model, images, "kmeans-lsuv", layers=layers, seed=seed, generator=generator,
+                   lsuv_options=lsuv_options, **options)
+
+
+#: ``kmeans-fast``'s ZCA statistics: at most this many patches of its one k-means layer (an equal,
+#: seeded random share of each image chunk). PaperNet's 11x11 first layer has 262,144 patches of 363
+#: values on 256 images; a quarter of them still gives about 180 samples a dimension.
+FAST_STAT_PATCHES = 2**16
+
+
+def kmeans_fast_(model: nn.Module, images: Tensor, *, layers: int = 1, stat_patches: int | None = FAST_STAT_PATCHES,
+                 seed: int = 0, generator: torch.Generator | None = None, lsuv_options: dict | None = None,
+                 **options) -> InitReport:
+    """The cheap k-means init (``kmeans-fast``): ``kmeans-variance`` in the first conv layer only, its ZCA
+    statistics from at most ``stat_patches`` patches, LSUV in every other layer; in place.
+
+    :func:`kmeans_lsuv_` with ``layers=1, stat_patches=2**16``, under its own name. The k-means
+    presets spend most of their time on the ZCA statistics of wide deeper layers (PaperNet's
+    1,936-dimensional second layer: 65,536 patches, a 1,936 x 1,936 eigendecomposition); the first
+    layer's patches have few dimensions (363 in PaperNet, 27 in ResNet-20), so its statistics and Lloyd
+    passes are cheap, and LSUV costs a few forward passes per layer (benchmarks/RESULTS.md, "Init cost against one training epoch";
+    accuracy: docs/results/fastinit).
+    """
+    return _hybrid(model, images, "kmeans-fast", layers=layers, seed=seed, generator=generator,
+                   lsuv_options=lsuv_options, stat_patches=stat_patches, **options)
+
+
+def _hybrid(model, images, method, *, layers, seed, generator, lsuv_options, **options) -> InitReport:
     from . import initialize_
 
     if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
@@ -43,6 +71,6 @@ def kmeans_lsuv_(model: nn.Module, images: Tensor, *, layers: int = 2, seed: int
     clustered = [r.name for r in km.layers]
     gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     rest = lsuv_(model, images, generator=gen, skip=clustered, **(lsuv_options or {}))
-    return InitReport(method="kmeans-lsuv", layers=km.layers + rest.layers, seconds=time.perf_counter() - start,
+    return InitReport(method=method, layers=km.layers + rest.layers, seconds=time.perf_counter() - start,
                       options=dict(km.options, layers=layers, lsuv=rest.options),
                       skipped={n: f"{why}; set by LSUV instead" for n, why in km.skipped.items()})

@@ -228,5 +228,7 @@ class KMeansOptions:
                 d["whitening"] = self.whitening
             if self.lloyd_patches is not None:
                 d["lloyd_patches"] = self.lloyd_patches
+            if self.stat_patches != KMeansOptions.stat_patches:  # as zca_eigh: only when not the default
+                d["stat_patches"] = self.stat_patches
         return d
 
