@@ -321,9 +321,11 @@ def test_fair_dry_run_prints_the_sweep(capsys, tmp_path):
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("python")]
     nobn = [l for l in lines if "paper-nobn-sgd" in l]
     few = [l for l in lines if "paper-labels2k-sgd" in l]
-    assert len(nobn) == 11 * 4 and all("--no-batch-norm" in l for l in nobn)
+    assert len(nobn) == 12 * 4 and all("--no-batch-norm" in l for l in nobn)
+    # the thirty-first session's cheap init, in both PaperNet settings, at every rate
+    assert sum("--init kmeans-fast " in l for l in nobn) == 4 and sum("--init kmeans-fast " in l for l in few) == 4
     assert sum('"variance"' in l for l in nobn) == 4 and not any("kmeans-paper" in l for l in lines)
-    assert len(few) == 11 * 4 and all("--labels 2000" in l and "--epochs 20.0" in l for l in few)
+    assert len(few) == 12 * 4 and all("--labels 2000" in l and "--epochs 20.0" in l for l in few)
     vgg = [l for l in lines if "vgg11-nobn-sgd" in l]
     assert len(vgg) == 11 * 4 and all("--no-batch-norm" in l and "--model vgg11" in l and "--width 0.5" in l for l in vgg)
     # Few labels on VGG-11 with BN: the zoo recipe, its rates, and the weaker whitening among the inits.

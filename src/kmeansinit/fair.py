@@ -63,6 +63,10 @@ BASELINES = ("he", "xavier", "lsuv", "whitening")
 #: ResNet-20, -4.3 on PaperNet at kmeans-variance's rate; on PaperNet after it had won on all three zoo
 #: nets' means, to learn whether one setting can serve every net with BN.
 EPS1 = {"kmeans-variance-eps1": dict(init="kmeans-variance", init_options=dict(zca_eps=1.0))}
+#: The cheap k-means init (thirty-first session, the init-cost target): `kmeans-variance` in the first
+#: layer only, LSUV in the rest; on the PaperNet settings (with and without BN, 2,000 labels) and on
+#: VGG-11, to learn how much of the k-means presets' leads it keeps at its own best rate.
+FAST = {"kmeans-fast": dict(init="kmeans-fast")}
 
 
 @dataclass
@@ -104,11 +108,11 @@ def _budget_text(epochs: float, steps: int | None) -> str:
 #: MobileNetV2 step at width 0.5 still 1.7x one at 0.25 in bf16 (benchmarks/zoo_step_time.py).
 FAIR_ARCHS = {
     "paper": FairArch("paper", {"sgd": [1e-3, 4e-3, 1.6e-2, 6.4e-2], "adam": [2.5e-4, 1e-3, 4e-3, 1.6e-2]},
-                      recipe="paper", final_epochs=3.0, inits=EPS1),
+                      recipe="paper", final_epochs=3.0, inits={**EPS1, **FAST}),
     "resnet20": FairArch("resnet20", {"sgd": [0.0125, 0.05, 0.2, 0.8]}, inits=EPS1),
     # Refined (sixth session): at the factor-4 grid every init was best at 0.0125 and the 2-epoch finals
     # ordered them by filter norm (Xavier-sized first), the learning-rate effect `refine` checks for.
-    "vgg11": FairArch("vgg11", {"sgd": [0.0125, 0.05, 0.2, 0.8]}, width=0.5, refine=True, inits=EPS1),
+    "vgg11": FairArch("vgg11", {"sgd": [0.0125, 0.05, 0.2, 0.8]}, width=0.5, refine=True, inits={**EPS1, **FAST}),
     # Refined too (seventh session): its factor-4 sweep put every init at 0.05 with Xavier first, as
     # VGG-11's had before its refinement moved 7 of 9 best rates.
     "mobilenetv2": FairArch("mobilenetv2", {"sgd": [0.0125, 0.05, 0.2, 0.8]}, width=0.25, refine=True,
@@ -119,7 +123,7 @@ FAIR_ARCHS = {
     "paper-nobn": FairArch("paper", {"sgd": [1e-3, 4e-3, 1.6e-2, 6.4e-2]}, recipe="paper", final_epochs=3.0,
                            extra=dict(batch_norm=False),
                            # = the kmeans-variance preset, added after these cells ran (same weights: tested)
-                           inits={"kmeans-variance": dict(init="kmeans", init_options=dict(scale="variance"))}),
+                           inits={"kmeans-variance": dict(init="kmeans", init_options=dict(scale="variance")), **FAST}),
     # The same question on a modern plain net: VGG-11 without BN (the original VGG, a bias per conv),
     # which trains from scratch only from a well-scaled init (Mishkin & Matas 2016 used LSUV). The rates
     # start a factor 4 below VGG-11-BN's best (0.0125); the sweep extends them where a best is at an end.
@@ -132,7 +136,7 @@ FAIR_ARCHS = {
     # class); the data-dependent inits see all 45,000. 20 epochs of the labelled set (300 steps) to
     # sweep, 60 (900 steps) for the final runs.
     "paper-labels2k": FairArch("paper", {"sgd": [1e-3, 4e-3, 1.6e-2, 6.4e-2]}, recipe="paper", sweep_epochs=20.0,
-                               final_epochs=60.0, extra=dict(labels=2000)),
+                               final_epochs=60.0, extra=dict(labels=2000), inits=FAST),
     # The same few-labels question on a zoo net with BN (twenty-fifth session): VGG-11 at width 0.5,
     # where the weaker whitening led with all labels (+3.6 after 2 epochs, +1.3 after 10 at tuned
     # rates); paper-labels2k's labels and budgets, VGG-11's rates, refined by 2 as its sweep was.
