@@ -116,13 +116,14 @@ def test_kmeans_fast_is_kmeans_lsuv_on_the_first_layer_with_sampled_statistics()
 
     fast, rep = run("kmeans-fast")
     same, _ = run("kmeans-lsuv", layers=1, stat_patches=2**16)
-    every, _ = run("kmeans-lsuv", layers=1)
+    every, rep_every = run("kmeans-lsuv", layers=1)
     for (k, a), b in zip(fast.named_parameters(), same.parameters()):
         assert torch.equal(a, b), k
     first = rep.layers[0].name
     assert dict(fast.named_parameters())[first + ".weight"].shape[1] == 3  # the first conv
     assert not torch.equal(dict(fast.named_parameters())[first + ".weight"], dict(every.named_parameters())[first + ".weight"])
     assert rep.method == "kmeans-fast" and rep.options["layers"] == 1 and rep.options["stat_patches"] == 2**16
+    assert "stat_patches" not in rep_every.options  # recorded only when not the default, as before
     assert sorted(r.name for r in rep.layers) == sorted(find_layers(fast, include_linear=True))
 
 

@@ -173,7 +173,9 @@ def _longer(source: str, compare: tuple, factor: float = 5.0, optimizers: tuple 
 # the zoo's), at the rates its own sweep chose.
 FAIR_ARCHS.update({
     # kmeans-variance's 3-epoch lead on PaperNet (+3.2 over LSUV), against He, LSUV and its control.
-    "paper-long": _longer("paper", ("he", "lsuv", "kmeans-variance", "he-variance-norm"), rate_check=(0.5, 2.0)),
+    # kmeans-fast joined in the thirty-first session (level with kmeans-variance after 3 epochs).
+    "paper-long": _longer("paper", ("he", "lsuv", "kmeans-variance", "he-variance-norm", "kmeans-fast"),
+                          rate_check=(0.5, 2.0)),
     # Without BN, where the grid's lead is largest (+8.8 after 3 epochs): He and whitening, the best
     # baselines there. Its lead was gone after 15 epochs at the 1-epoch rates (eighteenth session);
     # without BN the scale and the rate interact most (vgg11-nobn-long's check moved every best rate),

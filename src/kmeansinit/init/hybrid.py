@@ -1,9 +1,9 @@
 """k-means where it is known to help, LSUV everywhere else (``kmeans-lsuv``, and its cheap form ``kmeans-fast``).
 
 Whitened-patch k-means gives first layers filters like the ones training learns (Coates & Ng 2011);
-deeper in a net it clusters ReLU features, and on VGG-11 and ResNet-20 the k-means presets were not
-ahead of LSUV (docs/results/fair.md). This init keeps k-means directions in the first ``layers``
-layers (forward order; ``kmeans-variance``: each at unit output variance on the images) and gives
+deeper in a net it clusters ReLU features, and on VGG-11 and ResNet-20 the k-means presets at their
+default whitening were not ahead of LSUV (docs/results/fair.md). This init keeps k-means directions in
+the first ``layers`` layers (forward order; ``kmeans-variance``: each at unit output variance on the images) and gives
 every other conv and linear layer LSUV (Mishkin & Matas 2016: orthonormal, then unit output variance
 in forward order), computed on the outputs of the k-means layers in place.
 """
@@ -53,8 +53,8 @@ def kmeans_fast_(model: nn.Module, images: Tensor, *, layers: int = 1, stat_patc
     presets spend most of their time on the ZCA statistics of wide deeper layers (PaperNet's
     1,936-dimensional second layer: 65,536 patches, a 1,936 x 1,936 eigendecomposition); the first
     layer's patches have few dimensions (363 in PaperNet, 27 in ResNet-20), so its statistics and Lloyd
-    passes are cheap, and LSUV costs a few forward passes per layer (benchmarks/RESULTS.md, "Init cost against one training epoch";
-    accuracy: docs/results/fastinit).
+    passes are cheap, and LSUV costs a few forward passes per layer. Cost: benchmarks/RESULTS.md, "Init
+    cost against one training epoch"; accuracy: docs/results/fastinit and docs/results/fair.md.
     """
     return _hybrid(model, images, "kmeans-fast", layers=layers, seed=seed, generator=generator,
                    lsuv_options=lsuv_options, stat_patches=stat_patches, **options)
