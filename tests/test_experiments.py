@@ -401,14 +401,14 @@ def test_fair_long_setting_borrows_the_paper_sweeps_rates(capsys, tmp_path):
 
     a = FAIR_ARCHS["paper-long"]
     assert a.rates_from == "paper" and a.final_epochs == 5 * FAIR_ARCHS["paper"].final_epochs
-    assert list(_inits("paper-long")) == list(a.compare) == ["he", "lsuv", "kmeans-variance", "he-variance-norm"]
+    assert list(_inits("paper-long")) == list(a.compare) == ["he", "lsuv", "kmeans-variance", "he-variance-norm", "kmeans-fast"]
     nobn = FAIR_ARCHS["paper-nobn-long"]  # the no-BN twin keeps its source's net: no BN layers
     assert nobn.rates_from == "paper-nobn" and nobn.extra == FAIR_ARCHS["paper-nobn"].extra == dict(batch_norm=False)
     # its kmeans-variance is the form paper-nobn's cells ran with (the kmeans preset, scale="variance")
     assert _inits("paper-nobn-long")["kmeans-variance"] == _inits("paper-nobn")["kmeans-variance"]
     out = tmp_path / "f"
     lrs = FAIR_ARCHS["paper"].lrs["sgd"]
-    peak = {"he": 2, "lsuv": 1, "kmeans-variance": 2}  # he-variance-norm's sweep is left unfinished
+    peak = {"he": 2, "lsuv": 1, "kmeans-variance": 2, "kmeans-fast": 2}  # he-variance-norm's sweep is left unfinished
     for c in sweep_cells(out, "paper", "sgd", inits={k: _inits("paper")[k] for k in peak}):
         name = c.name.split("/")[0]
         _finish(c, 0.5 - 0.1 * abs(lrs.index(c.config.lr) - peak[name]))
@@ -417,9 +417,9 @@ def test_fair_long_setting_borrows_the_paper_sweeps_rates(capsys, tmp_path):
     printed = [l for l in capsys.readouterr().out.splitlines() if l.startswith("python")]
     lines = [l for l in printed if "paper-long-sgd/final/" in l]
     checks = [l for l in printed if "paper-long-sgd/ratecheck/" in l]  # seed 0 at x0.5 and x2 of each rate
-    assert len(printed) == len(lines) + len(checks) and len(lines) == 3 * 3 and len(checks) == 3 * 2
+    assert len(printed) == len(lines) + len(checks) and len(lines) == 4 * 3 and len(checks) == 4 * 2
     assert all("--epochs 15.0" in l and f"--init-cache {out / 'init-cache' / 'paper'}" in l for l in printed)
-    assert sum(f"--lr {lrs[1]:g} " in l for l in lines) == 3 and sum(f"--lr {lrs[2]:g} " in l for l in lines) == 6
+    assert sum(f"--lr {lrs[1]:g} " in l for l in lines) == 3 and sum(f"--lr {lrs[2]:g} " in l for l in lines) == 9
     assert not any("he-variance-norm" in l for l in lines) and not (out / "paper-long-sgd").exists()
     assert main(args) == 2  # a real run refuses: one init has no chosen rate yet
     err = capsys.readouterr().err.strip()
