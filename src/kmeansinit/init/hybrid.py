@@ -3,9 +3,9 @@
 Whitened-patch k-means gives first layers filters like the ones training learns (Coates & Ng 2011);
 deeper in a net it clusters ReLU features, and on VGG-11 and ResNet-20 the k-means presets at their
 default whitening were not ahead of LSUV (docs/results/fair.md). This init keeps k-means directions in
-the first ``layers`` layers (forward order; ``kmeans-variance``: each at unit output variance on the images) and gives
-every other conv and linear layer LSUV (Mishkin & Matas 2016: orthonormal, then unit output variance
-in forward order), computed on the outputs of the k-means layers in place.
+the first ``layers`` layers (forward order; ``kmeans-variance``: each at unit output variance on the
+images) and gives every other conv and linear layer LSUV (Mishkin & Matas 2016: orthonormal, then
+unit output variance in forward order), computed on the outputs of the k-means layers in place.
 """
 from __future__ import annotations
 
@@ -33,8 +33,19 @@ def kmeans_lsuv_(model: nn.Module, images: Tensor, *, layers: int = 2, seed: int
     report's ``skipped``. The report lists the k-means layers' records, then LSUV's; ``seconds`` is the
     whole init's.
     """
-    return _hybrid(model, images, "kmeans-lsuv", layers=layers, seed=seed, generator=generator,
-                   lsuv_options=lsuv_options, **options)
+    from . import initialize_
+
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        raise ValueError(f"layers must be a positive int (the first N layers get k-means), got {layers!r}")
+    start = time.perf_counter()
+    # base=None: the layers past `layers` are set by LSUV below, so a He draw for them would be wasted.
+    km = initialize_(model, "kmeans-variance", images, base=None, layers=layers, seed=seed, **options)
+    clustered = [r.name for r in km.layers]
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
+    rest = lsuv_(model, images, generator=gen, skip=clustered, **(lsuv_options or {}))
+    return InitReport(method="kmeans-lsuv", layers=km.layers + rest.layers, seconds=time.perf_counter() - start,
+                      options=dict(km.options, layers=layers, lsuv=rest.options),
+                      skipped={n: f"{why}; set by LSUV instead" for n, why in km.skipped.items()})
 
 
 #: ``kmeans-fast``'s ZCA statistics: at most this many patches of its one k-means layer (an equal,
@@ -56,21 +67,8 @@ def kmeans_fast_(model: nn.Module, images: Tensor, *, layers: int = 1, stat_patc
     passes are cheap, and LSUV costs a few forward passes per layer. Cost: benchmarks/RESULTS.md, "Init
     cost against one training epoch"; accuracy: docs/results/fastinit and docs/results/fair.md.
     """
-    return _hybrid(model, images, "kmeans-fast", layers=layers, seed=seed, generator=generator,
-                   lsuv_options=lsuv_options, stat_patches=stat_patches, **options)
-
-
-def _hybrid(model, images, method, *, layers, seed, generator, lsuv_options, **options) -> InitReport:
-    from . import initialize_
-
-    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
-        raise ValueError(f"layers must be a positive int (the first N layers get k-means), got {layers!r}")
-    start = time.perf_counter()
-    # base=None: the layers past `layers` are set by LSUV below, so a He draw for them would be wasted.
-    km = initialize_(model, "kmeans-variance", images, base=None, layers=layers, seed=seed, **options)
-    clustered = [r.name for r in km.layers]
-    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
-    rest = lsuv_(model, images, generator=gen, skip=clustered, **(lsuv_options or {}))
-    return InitReport(method=method, layers=km.layers + rest.layers, seconds=time.perf_counter() - start,
-                      options=dict(km.options, layers=layers, lsuv=rest.options),
-                      skipped={n: f"{why}; set by LSUV instead" for n, why in km.skipped.items()})
+    # Its signature names what it hands on (check_options reads it); the run is kmeans-lsuv's.
+    report = kmeans_lsuv_(model, images, layers=layers, stat_patches=stat_patches, seed=seed, generator=generator,
+                          lsuv_options=lsuv_options, **options)
+    report.method = "kmeans-fast"
+    return report
