@@ -306,13 +306,15 @@ def test_fair_dry_run_prints_the_sweep(capsys, tmp_path):
 
     assert main(["reproduce", "fair", "--arch", "resnet20", "--out", str(tmp_path / "f"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert out.count("--model resnet20") == 12 * 4 and "--val 5000" in out and "chosen after the sweep" in out
+    assert out.count("--model resnet20") == 13 * 4 and "--val 5000" in out and "chosen after the sweep" in out
     assert out.count("--init kmeans-lsuv ") == 4  # the seventh session's candidate, at every rate
     assert out.count("zca_eps=0.1") == 4  # the ninth session's
     assert out.count("zca_eps=1.0") == 4  # the tenth session's, on the nets with BN only
+    assert out.count("--init kmeans-fast ") == 4  # the thirty-second session's, on the zoo nets
     assert main(["reproduce", "fair", "--arch", "mobilenetv2", "--out", str(tmp_path / "m"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert out.count("--model mobilenetv2") == 12 * 4 and out.count("zca_eps=1.0") == 4
+    assert out.count("--model mobilenetv2") == 13 * 4 and out.count("zca_eps=1.0") == 4
+    assert out.count("--init kmeans-fast ") == 4
     # The no-BN and few-label settings: every cell carries its setting; both have k-means at a
     # data-dependent (unit output variance) norm, no-BN in the form its cells ran with (the kmeans
     # preset with scale="variance"); the 20-minute kmeans-paper init is left out of both.
@@ -347,9 +349,10 @@ def test_fair_dry_run_prints_the_sweep(capsys, tmp_path):
     # Few labels on ResNet-20: its rates and the zoo recipe at the same step budgets.
     assert main(["reproduce", "fair", "--arch", "resnet20-labels2k", "--out", str(tmp_path / "r"), "--dry-run"]) == 0
     few = [l for l in capsys.readouterr().out.splitlines() if l.startswith("python")]
-    assert len(few) == 12 * 4 and all("--labels 2000 " in l and "--iterations 300 " in l and "--model resnet20" in l
+    assert len(few) == 13 * 4 and all("--labels 2000 " in l and "--iterations 300 " in l and "--model resnet20" in l
                                       for l in few)
-    assert sum("zca_eps=1.0" in l for l in few) == 4 and sum("--lr 0.0125 " in l for l in few) == 12
+    assert sum("zca_eps=1.0" in l for l in few) == 4 and sum("--lr 0.0125 " in l for l in few) == 13
+    assert sum("--init kmeans-fast " in l for l in few) == 4
 
 
 def test_fair_step_budget_reaches_the_final_runs_and_a_longer_setting():

@@ -65,7 +65,8 @@ BASELINES = ("he", "xavier", "lsuv", "whitening")
 EPS1 = {"kmeans-variance-eps1": dict(init="kmeans-variance", init_options=dict(zca_eps=1.0))}
 #: The cheap k-means init (thirty-first session, the init-cost target): `kmeans-variance` in the first
 #: layer only, LSUV in the rest; on the PaperNet settings (with and without BN, 2,000 labels) and on
-#: VGG-11, to learn how much of the k-means presets' leads it keeps at its own best rate.
+#: VGG-11, to learn how much of the k-means presets' leads it keeps at its own best rate; on ResNet-20
+#: (all labels and 2,000) and MobileNetV2 from the thirty-second session.
 FAST = {"kmeans-fast": dict(init="kmeans-fast")}
 
 
@@ -109,14 +110,14 @@ def _budget_text(epochs: float, steps: int | None) -> str:
 FAIR_ARCHS = {
     "paper": FairArch("paper", {"sgd": [1e-3, 4e-3, 1.6e-2, 6.4e-2], "adam": [2.5e-4, 1e-3, 4e-3, 1.6e-2]},
                       recipe="paper", final_epochs=3.0, inits={**EPS1, **FAST}),
-    "resnet20": FairArch("resnet20", {"sgd": [0.0125, 0.05, 0.2, 0.8]}, inits=EPS1),
+    "resnet20": FairArch("resnet20", {"sgd": [0.0125, 0.05, 0.2, 0.8]}, inits={**EPS1, **FAST}),
     # Refined (sixth session): at the factor-4 grid every init was best at 0.0125 and the 2-epoch finals
     # ordered them by filter norm (Xavier-sized first), the learning-rate effect `refine` checks for.
     "vgg11": FairArch("vgg11", {"sgd": [0.0125, 0.05, 0.2, 0.8]}, width=0.5, refine=True, inits={**EPS1, **FAST}),
     # Refined too (seventh session): its factor-4 sweep put every init at 0.05 with Xavier first, as
     # VGG-11's had before its refinement moved 7 of 9 best rates.
     "mobilenetv2": FairArch("mobilenetv2", {"sgd": [0.0125, 0.05, 0.2, 0.8]}, width=0.25, refine=True,
-                            inits=EPS1),
+                            inits={**EPS1, **FAST}),
     # Where a data-dependent init is known to matter most. Without BN nothing renormalizes the
     # activations, so the init's scale is the forward pass's scale: k-means directions get a
     # data-dependent norm too (LSUV-style unit output variance per layer).
@@ -152,7 +153,7 @@ FAIR_ARCHS = {
     # Few labels on a residual net (twenty-eighth session): ResNet-20 with 2,000 labels at the VGG-11
     # label settings' budgets in steps; ResNet-20's rates, refined by 2 as theirs were.
     "resnet20-labels2k": FairArch("resnet20", {"sgd": [0.0125, 0.05, 0.2, 0.8]}, refine=True, sweep_steps=300,
-                                  final_steps=900, extra=dict(labels=2000), inits=EPS1),
+                                  final_steps=900, extra=dict(labels=2000), inits={**EPS1, **FAST}),
 }
 
 
