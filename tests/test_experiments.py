@@ -306,15 +306,17 @@ def test_fair_dry_run_prints_the_sweep(capsys, tmp_path):
 
     assert main(["reproduce", "fair", "--arch", "resnet20", "--out", str(tmp_path / "f"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert out.count("--model resnet20") == 13 * 4 and "--val 5000" in out and "chosen after the sweep" in out
+    assert out.count("--model resnet20") == 14 * 4 and "--val 5000" in out and "chosen after the sweep" in out
     assert out.count("--init kmeans-lsuv ") == 4  # the seventh session's candidate, at every rate
     assert out.count("zca_eps=0.1") == 4  # the ninth session's
-    assert out.count("zca_eps=1.0") == 4  # the tenth session's, on the nets with BN only
-    assert out.count("--init kmeans-fast ") == 4  # the thirty-second session's, on the zoo nets
+    # the tenth session's (kmeans-variance), on the nets with BN only, and the thirty-second's cheap init
+    # at the default whitening and at this one
+    assert out.count("zca_eps=1.0") == 8 and out.count("--init kmeans-fast ") == 8
+    assert out.count("--init kmeans-fast --init-option zca_eps=1.0 ") == 4
     assert main(["reproduce", "fair", "--arch", "mobilenetv2", "--out", str(tmp_path / "m"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert out.count("--model mobilenetv2") == 13 * 4 and out.count("zca_eps=1.0") == 4
-    assert out.count("--init kmeans-fast ") == 4
+    assert out.count("--model mobilenetv2") == 14 * 4 and out.count("zca_eps=1.0") == 8
+    assert out.count("--init kmeans-fast ") == 8
     # The no-BN and few-label settings: every cell carries its setting; both have k-means at a
     # data-dependent (unit output variance) norm, no-BN in the form its cells ran with (the kmeans
     # preset with scale="variance"); the 20-minute kmeans-paper init is left out of both.
