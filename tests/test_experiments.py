@@ -335,9 +335,10 @@ def test_fair_dry_run_prints_the_sweep(capsys, tmp_path):
     # Few labels on VGG-11 with BN: the zoo recipe, its rates, and the weaker whitening among the inits.
     assert main(["reproduce", "fair", "--arch", "vgg11-labels2k", "--out", str(tmp_path / "v"), "--dry-run"]) == 0
     few = [l for l in capsys.readouterr().out.splitlines() if l.startswith("python")]
-    assert len(few) == 12 * 4 and all("--labels 2000" in l and "--epochs 20.0" in l and "--model vgg11" in l
+    assert len(few) == 13 * 4 and all("--labels 2000" in l and "--epochs 20.0" in l and "--model vgg11" in l
                                       and "--width 0.5" in l and "--no-batch-norm" not in l for l in few)
-    assert sum("zca_eps=1.0" in l for l in few) == 4 and sum("--lr 0.8 " in l for l in few) == 12
+    assert sum("zca_eps=1.0" in l for l in few) == 8 and sum("--lr 0.8 " in l for l in few) == 13
+    assert sum("--init kmeans-fast " in l for l in few) == 4
     # Other label counts at vgg11-labels2k's budgets in steps (300 to sweep, 900 final): only the labels differ.
     assert main(["reproduce", "fair", "--arch", "vgg11-labels500", "--arch", "vgg11-labels8k",
                  "--out", str(tmp_path / "n"), "--dry-run"]) == 0
@@ -446,7 +447,8 @@ def test_fair_long_settings_keep_their_sources_net_and_recipe():
         assert a.compare and set(a.compare) <= set(_inits(a.rates_from)) and list(_inits(name)) == list(a.compare)
     # the zoo candidates the short budget put first beyond the noise, against the best baseline there
     assert _inits("vgg11-long")["kmeans-variance-eps1"] == dict(init="kmeans-variance", init_options=dict(zca_eps=1.0))
-    assert {"lsuv", "kmeans-variance-eps1"} <= set(FAIR_ARCHS["vgg11-long"].compare)
+    assert {"lsuv", "kmeans-variance-eps1", "kmeans-fast-eps1"} <= set(FAIR_ARCHS["vgg11-long"].compare)
+    assert _inits("vgg11-long")["kmeans-fast-eps1"] == dict(init="kmeans-fast", init_options=dict(zca_eps=1.0))
     assert {"xavier", "kmeans-variance-eps1"} <= set(FAIR_ARCHS["mobilenetv2-long"].compare)
     assert {"lsuv", "kmeans-he-norm"} <= set(FAIR_ARCHS["vgg11-nobn-long"].compare)
     assert FAIR_ARCHS["vgg11-nobn-long"].extra == dict(batch_norm=False)

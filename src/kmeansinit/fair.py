@@ -145,8 +145,9 @@ FAIR_ARCHS = {
     # The same few-labels question on a zoo net with BN (twenty-fifth session): VGG-11 at width 0.5,
     # where the weaker whitening led with all labels (+3.6 after 2 epochs, +1.3 after 10 at tuned
     # rates); paper-labels2k's labels and budgets, VGG-11's rates, refined by 2 as its sweep was.
+    # kmeans-fast-eps1 joined in the thirty-third session: does the cheap init keep the few-label lead?
     "vgg11-labels2k": FairArch("vgg11", {"sgd": [0.0125, 0.05, 0.2, 0.8]}, width=0.5, refine=True, sweep_epochs=20.0,
-                               final_epochs=60.0, extra=dict(labels=2000), inits=EPS1),
+                               final_epochs=60.0, extra=dict(labels=2000), inits={**EPS1, **FAST_EPS1}),
     # How the few-label lead changes with the number of labels (twenty-seventh session): VGG-11 as
     # above with 500 labels (50 a class) and 8,000 (800), at vgg11-labels2k's budgets in steps (300 to
     # sweep, 900 for the final runs: 300 labelled epochs at 500 labels, 14.5 at 8,000), the unlabelled
@@ -191,7 +192,8 @@ FAIR_ARCHS.update({
     # (+3.8 over LSUV); each against the best baseline there, and He, the default a user has.
     # Its lead lasted (+2.4 over LSUV after 10 epochs, nineteenth session) at rates chosen after one
     # epoch: each init's factor-2 neighbours at 10 epochs check that no baseline's better rate closes it.
-    "vgg11-long": _longer("vgg11", ("he", "lsuv", "kmeans-variance-eps1"), rate_check=(0.5, 2.0)),
+    # kmeans-fast-eps1 (+2.5 over LSUV after 2 epochs) joined in the thirty-third session.
+    "vgg11-long": _longer("vgg11", ("he", "lsuv", "kmeans-variance-eps1", "kmeans-fast-eps1"), rate_check=(0.5, 2.0)),
     "mobilenetv2-long": _longer("mobilenetv2", ("he", "xavier", "kmeans-variance-eps1"), rate_check=(0.5, 2.0)),
     # Without BN an init's scale and the rate interact most, so its rates are checked at 10 epochs too.
     "vgg11-nobn-long": _longer("vgg11-nobn", ("he", "lsuv", "kmeans-he-norm"), rate_check=(0.5, 2.0)),
