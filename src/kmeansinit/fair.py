@@ -192,8 +192,10 @@ FAIR_ARCHS.update({
     # (+3.8 over LSUV); each against the best baseline there, and He, the default a user has.
     # Its lead lasted (+2.4 over LSUV after 10 epochs, nineteenth session) at rates chosen after one
     # epoch: each init's factor-2 neighbours at 10 epochs check that no baseline's better rate closes it.
-    # kmeans-fast-eps1 (+2.5 over LSUV after 2 epochs) joined in the thirty-third session.
-    "vgg11-long": _longer("vgg11", ("he", "lsuv", "kmeans-variance-eps1", "kmeans-fast-eps1"), rate_check=(0.5, 2.0)),
+    # kmeans-fast-eps1 (+2.5 over LSUV after 2 epochs) joined in the thirty-third session, and with it
+    # whitening and Xavier, level with LSUV after 2 epochs: the best baseline at 10 epochs could be either.
+    "vgg11-long": _longer("vgg11", ("he", "lsuv", "kmeans-variance-eps1", "kmeans-fast-eps1", "whitening", "xavier"),
+                          rate_check=(0.5, 2.0)),
     "mobilenetv2-long": _longer("mobilenetv2", ("he", "xavier", "kmeans-variance-eps1"), rate_check=(0.5, 2.0)),
     # Without BN an init's scale and the rate interact most, so its rates are checked at 10 epochs too.
     "vgg11-nobn-long": _longer("vgg11-nobn", ("he", "lsuv", "kmeans-he-norm"), rate_check=(0.5, 2.0)),
