@@ -65,8 +65,8 @@ def test_papernet_without_batch_norm():
     assert count_parameters(m) == count_parameters(with_bn) - bn // 2
     y = m(torch.randn(2, 3, 32, 32))
     assert y.shape == (2, 10) and torch.isfinite(y).all()
-    with pytest.raises(ValueError, match="resnet20.*built with its BN"):
-        create_model("resnet20", batch_norm=False)
+    with pytest.raises(ValueError, match="mobilenetv2.*built with its BN"):
+        create_model("mobilenetv2", batch_norm=False)
 
 
 def test_vgg11_without_batch_norm():
@@ -82,4 +82,28 @@ def test_vgg11_without_batch_norm():
     bn = sum(p.numel() for x in with_bn.modules() if isinstance(x, nn.BatchNorm2d) for p in x.parameters())
     assert count_parameters(m) == count_parameters(with_bn) - bn // 2
     y = m(torch.randn(2, 3, 32, 32))
+    assert y.shape == (2, 10) and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("name,convs", [("resnet20", 19), ("resnet56", 55)])
+def test_resnet_without_batch_norm(name, convs):
+    from kmeansinit import create_model
+
+    m, with_bn = create_model(name, width=0.5, batch_norm=False), create_model(name, width=0.5)
+    assert not any(isinstance(x, nn.BatchNorm2d) for x in m.modules())
+    got = [x for x in m.modules() if isinstance(x, nn.Conv2d)]
+    assert len(got) == convs and all(c.bias is not None for c in got)
+    ref = [x for x in with_bn.modules() if isinstance(x, nn.Conv2d)]
+    assert [c.weight.shape for c in got] == [c.weight.shape for c in ref] and all(c.bias is None for c in ref)
+    # BN's 2 parameters a channel become one bias a channel; the module names stay (bn1, bn2: Identity).
+    bn = sum(p.numel() for x in with_bn.modules() if isinstance(x, nn.BatchNorm2d) for p in x.parameters())
+    assert count_parameters(m) == count_parameters(with_bn) - bn // 2
+    assert [n for n, _ in m.named_modules()] == [n for n, _ in with_bn.named_modules()]
+    # Without BN the forward pass is the convs, ReLUs and shortcuts alone: a block by hand.
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    stem = torch.relu(m.conv1(x))
+    b = m.layer1[0]
+    want = torch.relu(b.conv2(torch.relu(b.conv1(stem))) + stem)
+    torch.testing.assert_close(m.layer1[0](stem), want)
+    y = m(x)
     assert y.shape == (2, 10) and torch.isfinite(y).all()

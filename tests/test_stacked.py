@@ -10,20 +10,21 @@ from kmeansinit.models import create_model
 from kmeansinit.stacked import stack_models, stack_tensors, stacked_inputs, stacked_loss, unstack_state
 
 
-def cells(name="paper", n=3, gated=False):
+def cells(name="paper", n=3, gated=False, **kw):
     out = []
     for i, init in zip(range(n), ("he", "xavier", "normal", "he")):
         torch.manual_seed(i)
-        m = create_model(name, width=0.25, gated=gated).double()
+        m = create_model(name, width=0.25, gated=gated, **kw).double()
         initialize_(m, init, generator=torch.Generator().manual_seed(i))
         out.append(m)
     return out
 
 
-@pytest.mark.parametrize("name,gated", [("paper", False), ("paper", True), ("vgg11", False), ("mobilenetv2", False),
-                                        ("resnet20", False)])
-def test_stacked_forward_equals_cells(name, gated):
-    models = cells(name, gated=gated)
+@pytest.mark.parametrize("name,gated,bn", [("paper", False, True), ("paper", True, True), ("vgg11", False, True),
+                                           ("mobilenetv2", False, True), ("resnet20", False, True),
+                                           ("resnet20", False, False)])
+def test_stacked_forward_equals_cells(name, gated, bn):
+    models = cells(name, gated=gated, **({} if bn else dict(batch_norm=False)))
     stacked = stack_models(models)
     xs = [torch.randn(4, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(10 + i)) for i in range(3)]
     stacked.train()

@@ -160,3 +160,25 @@ def test_kmeans_he_norm_is_the_preset_at_hes_norm():
     # scale by about 1e-5: enough to flip an assignment, after which k-means (chaotic in its data)
     # lands elsewhere. So only the first layer's directions are compared; every layer's norm above.
     assert len(cosines) == 19
+
+
+@pytest.mark.parametrize("method,tol", [("kmeans-variance", 1e-3), ("lsuv", 0.1)])
+def test_data_dependent_inits_give_unit_variance_in_a_resnet_without_bn(method, tol):
+    # Without BN nothing renormalizes a residual net's activations: the init's scale is the forward
+    # pass's. Both calibrate each conv in forward order to unit output variance on the init images
+    # (LSUV to within its tol); the shortcuts still add to it from block to block.
+    torch.manual_seed(0)
+    model = create_model("resnet20", width=0.25, batch_norm=False)
+    images = torch.randn(96, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    opts = dict(progress=False, steps=2, zca_eps=1.0) if method.startswith("kmeans") else dict(batch_size=96)
+    initialize_(model, method, images, **opts)
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert all(torch.isfinite(m.weight).all() and m.bias.abs().max() == 0 for m in convs.values())
+    var = {}
+    for n, m in convs.items():
+        m.register_forward_hook(lambda mod, a, out, n=n: var.__setitem__(n, float(out.double().var(unbiased=False))))
+    with torch.no_grad():
+        model(images)
+    assert len(var) == 19
+    for n, v in var.items():
+        assert abs(v - 1) < tol, (n, v)

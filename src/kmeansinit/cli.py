@@ -34,7 +34,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop", type=int, default=None, help="random-crop padding in pixels (paper recipe: 0, flips only; zoo: 4)")
     p.add_argument("--no-flip", dest="flip", action="store_false")
     p.add_argument("--no-batch-norm", dest="batch_norm", action="store_false",
-                   help="PaperNet or VGG-11 without BN layers (where an init's scale matters)")
+                   help="the net without BN layers: PaperNet, the ResNets, VGG-11, coates (where an init's scale matters)")
     p.add_argument("--patch-norm", action="store_true",
                    help="coates: contrast-normalize each patch before the filters, as Coates et al. encode")
     p.add_argument("--model", choices=list(MODELS), default=d.model,

@@ -137,6 +137,13 @@ FAIR_ARCHS = {
     # rates (eighth session). These are the rates it ran; the others stay in the sweep as extra rates.
     "vgg11-nobn": FairArch("vgg11", {"sgd": [0.0008, 0.0032, 0.0128, 0.0512]}, width=0.5,
                            extra=dict(batch_norm=False)),
+    # A residual net without BN (thirty-sixth session): ResNet-20 with a bias per conv and no BN, where
+    # He's init lets the variance about double block by block (its logits' std about 28 on CIFAR-10
+    # images, LSUV's and kmeans-variance's 1-1.5) and Fixup-style rescaling is the usual fix. VGG-11
+    # without BN's rates (a factor 4 below the nets with BN), extended where a best is at an end;
+    # ResNet-20's k-means candidates.
+    "resnet20-nobn": FairArch("resnet20", {"sgd": [0.0008, 0.0032, 0.0128, 0.0512]}, extra=dict(batch_norm=False),
+                              inits={**EPS1, **FAST, **FAST_EPS1}),
     # Few labels, many unlabelled images (Coates & Ng 2011): 2,000 labelled training images (200 a
     # class); the data-dependent inits see all 45,000. 20 epochs of the labelled set (300 steps) to
     # sweep, 60 (900 steps) for the final runs.

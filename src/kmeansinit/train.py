@@ -112,7 +112,7 @@ class TrainConfig:
     model: str = "paper"  # paper | resnet20 | resnet56 | vgg11 | mobilenetv2 (kmeansinit.models.MODELS)
     gated: bool = False
     width: float = 1.0
-    batch_norm: bool = True  # False: PaperNet or VGG-11 without BN layers (--no-batch-norm)
+    batch_norm: bool = True  # False: the net without BN layers (--no-batch-norm; create_model's NO_BN)
     patch_norm: bool = False  # coates only: contrast-normalize each patch before the filters (--patch-norm)
     # init
     init: str = "kmeans"

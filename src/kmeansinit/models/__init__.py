@@ -33,14 +33,14 @@ MODELS = {
 }
 
 #: models that can be built without BN (``batch_norm=False``): the nets where an init's scale matters.
-NO_BN = ("paper", "vgg11", "coates")
+NO_BN = ("paper", "resnet20", "resnet56", "vgg11", "coates")
 
 
 def create_model(name: str, num_classes: int = 10, width: float = 1.0, gated: bool = False, *,
                  in_channels: int = 3, device=None, dtype=None, batch_norm: bool = True,
                  patch_norm: bool = False) -> nn.Module:
     """A zoo model by name (see :data:`MODELS`); ``gated=True`` makes its k x k convs (k > 1) gated;
-    ``batch_norm=False`` (PaperNet, VGG-11, the single-layer net) builds it without BN layers;
+    ``batch_norm=False`` (PaperNet, the ResNets, VGG-11, the single-layer net) builds it without BN layers;
     ``patch_norm=True`` (the single-layer net only) contrast-normalizes each patch before its filters."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
