@@ -335,9 +335,9 @@ def test_fair_dry_run_prints_the_sweep(capsys, tmp_path):
     # A residual net without BN: ResNet-20 at full width, the no-BN rates, ResNet-20's k-means candidates.
     assert main(["reproduce", "fair", "--arch", "resnet20-nobn", "--out", str(tmp_path / "r"), "--dry-run"]) == 0
     res = [l for l in capsys.readouterr().out.splitlines() if l.startswith("python")]
-    assert len(res) == 14 * 4 and all("--no-batch-norm" in l and "--model resnet20" in l and "--width" not in l
+    assert len(res) == 15 * 4 and all("--no-batch-norm" in l and "--model resnet20" in l and "--width" not in l
                                       and "--epochs 1.0" in l for l in res)
-    assert sum("--lr 0.0008 " in l for l in res) == 14 and sum("zca_eps=1.0" in l for l in res) == 8
+    assert sum("--lr 0.0008 " in l for l in res) == 15 and sum("--init fixup " in l for l in res) == 4 and sum("zca_eps=1.0" in l for l in res) == 8
     # Few labels on VGG-11 with BN: the zoo recipe, its rates, and the weaker whitening among the inits.
     assert main(["reproduce", "fair", "--arch", "vgg11-labels2k", "--out", str(tmp_path / "v"), "--dry-run"]) == 0
     few = [l for l in capsys.readouterr().out.splitlines() if l.startswith("python")]

@@ -324,6 +324,10 @@ def test_all_methods_run():
             extra["refine_steps"] = 1 if method == "kmeans" else 0
         if method == "kmeans-paper":
             extra.pop("refine_steps")
+        if method == "fixup":  # residual nets only (tests/test_fixup.py): PaperNet has no blocks
+            with pytest.raises(ValueError, match="fixup needs residual blocks.*PaperNet"):
+                initialize_(model, method, x)
+            continue
         rep = initialize_(model, method, x, **extra)
         assert rep.method == method
         assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -38,7 +38,7 @@ from .report_fair import _stats, _welch
 __all__ = ["compare_inits", "Comparison", "BASELINE_METHODS"]
 
 #: Methods that are not k-means inits: the rows :meth:`Comparison.table` measures the others against.
-BASELINE_METHODS = ("normal", "xavier", "he", "lsuv", "whitening")
+BASELINE_METHODS = ("normal", "xavier", "he", "lsuv", "whitening", "fixup")
 
 
 @dataclass

@@ -57,7 +57,6 @@ FAIR_INITS = {
 #: PaperNet only: the paper's recipe, with 2,000 of its 10,000 gradient steps (the recipe is at 99.5%
 #: of its 10,000-step objective after 1,000: benchmarks/RESULTS.md, "Joint solver sweep").
 PAPER_ONLY = {"kmeans-paper": dict(init="kmeans-paper", init_options=dict(steps=2000))}
-BASELINES = ("he", "xavier", "lsuv", "whitening")
 #: The nets with BN (tenth session on the zoo, eleventh on PaperNet): a still weaker whitening, the eps
 #: screen's best on VGG-11 and MobileNetV2 (+10.0 over eps 0.01 there, VGG-11 +0.4 over 0.1), +1.0 on
 #: ResNet-20, -4.3 on PaperNet at kmeans-variance's rate; on PaperNet after it had won on all three zoo
@@ -71,6 +70,9 @@ FAST = {"kmeans-fast": dict(init="kmeans-fast")}
 #: The cheap init at the zoo's weaker whitening (thirty-second session): on VGG-11 `kmeans-fast` at the
 #: default `zca_eps` kept +1.4 of the `zca_eps=1.0` preset's +3.6 over LSUV; the zoo nets with BN only.
 FAST_EPS1 = {"kmeans-fast-eps1": dict(init="kmeans-fast", init_options=dict(zca_eps=1.0))}
+#: The residual nets' own answer to no BN (thirty-sixth session): Fixup's weight rules (Zhang et al.
+#: 2019), a baseline beside He, Xavier, LSUV and whitening where the net is a ResNet without BN.
+FIXUP = {"fixup": dict(init="fixup")}
 
 
 @dataclass
@@ -141,9 +143,9 @@ FAIR_ARCHS = {
     # He's init lets the variance about double block by block (its logits' std about 28 on CIFAR-10
     # images, LSUV's and kmeans-variance's 1-1.5) and Fixup-style rescaling is the usual fix. VGG-11
     # without BN's rates (a factor 4 below the nets with BN), extended where a best is at an end;
-    # ResNet-20's k-means candidates.
+    # ResNet-20's k-means candidates, and Fixup's init among the baselines.
     "resnet20-nobn": FairArch("resnet20", {"sgd": [0.0008, 0.0032, 0.0128, 0.0512]}, extra=dict(batch_norm=False),
-                              inits={**EPS1, **FAST, **FAST_EPS1}),
+                              inits={**EPS1, **FAST, **FAST_EPS1, **FIXUP}),
     # Few labels, many unlabelled images (Coates & Ng 2011): 2,000 labelled training images (200 a
     # class); the data-dependent inits see all 45,000. 20 epochs of the labelled set (300 steps) to
     # sweep, 60 (900 steps) for the final runs.

@@ -16,7 +16,8 @@ from .report import _mean_sd, _pyplot, collect
 
 __all__ = ["write_fair_report"]
 
-BASELINES = ("he", "xavier", "lsuv", "whitening")
+#: The inits that are not k-means ones (fixup only where the grid has a residual net without BN).
+BASELINES = ("he", "xavier", "lsuv", "whitening", "fixup")
 # Controls and the k-means init whose per-layer filter norms each one takes (He's directions).
 CONTROLS = {"he-kmeans-norm": "kmeans", "he-variance-norm": "kmeans-variance"}
 # Two-sided 95% quantiles of Student's t by degrees of freedom (1..10); 1.96 beyond.

@@ -13,12 +13,13 @@ from .kmeans import KMeansOptions, joint_objective, kmeans_init_, scale_filters_
 from .options import check_type
 from .report import InitReport, LayerReport
 from .controls import he_kmeans_norm_, he_variance_norm_
+from .fixup import fixup_, residual_blocks
 from .hybrid import kmeans_fast_, kmeans_lsuv_
 
 __all__ = [
     "initialize_", "METHODS", "PRESETS", "DATA_FREE", "kmeans_init_", "KMeansOptions", "joint_objective", "normal_", "xavier_", "he_",
     "lsuv_", "whitening_", "scale_filters_", "fans", "InitReport", "LayerReport", "he_kmeans_norm_",
-    "he_variance_norm_", "kmeans_lsuv_", "kmeans_fast_", "RUNS_KMEANS", "check_options", "seeded_options",
+    "he_variance_norm_", "kmeans_lsuv_", "kmeans_fast_", "fixup_", "residual_blocks", "RUNS_KMEANS", "check_options", "seeded_options",
 ]
 
 #: k-means presets: keyword arguments of :func:`kmeans_init_`; explicit options override them.
@@ -46,7 +47,7 @@ PRESETS: dict[str, dict] = {
     "kmeans-layerwise": dict(mode="layerwise", solver="lloyd"),
 }
 
-_DATA_FREE = {"normal": normal_, "xavier": xavier_, "he": he_, "he-kmeans-norm": he_kmeans_norm_}
+_DATA_FREE = {"normal": normal_, "xavier": xavier_, "he": he_, "he-kmeans-norm": he_kmeans_norm_, "fixup": fixup_}
 _DATA = {"lsuv": lsuv_, "whitening": whitening_, "he-variance-norm": he_variance_norm_, "kmeans-lsuv": kmeans_lsuv_,
          "kmeans-fast": kmeans_fast_}
 DATA_FREE = tuple(_DATA_FREE)  # methods that need no images
@@ -98,7 +99,8 @@ def seeded_options(method: str, options: dict, seed: int) -> dict:
 def initialize_(model: nn.Module, method: str, images: Tensor | None = None, **options) -> InitReport:
     """Initialize every conv (and linear) layer of ``model`` in place by ``method``; return an :class:`InitReport`.
 
-    Methods: ``"normal"`` (std 1e-3), ``"xavier"``, ``"he"``, ``"he-kmeans-norm"`` (no data);
+    Methods: ``"normal"`` (std 1e-3), ``"xavier"``, ``"he"``, ``"he-kmeans-norm"``, ``"fixup"`` (residual
+    nets: each block's last conv and the classifier at zero, the branch's other convs scaled down; no data);
     ``"lsuv"``, ``"whitening"``, ``"he-variance-norm"`` (He's directions at ``kmeans-variance``'s norms),
     ``"kmeans-lsuv"`` (``kmeans-variance`` in the first ``layers=2`` layers, LSUV in the others),
     ``"kmeans-fast"`` (the same with ``layers=1`` and ZCA statistics from at most 65,536 patches),
