@@ -140,8 +140,8 @@ FAIR_ARCHS = {
     "vgg11-nobn": FairArch("vgg11", {"sgd": [0.0008, 0.0032, 0.0128, 0.0512]}, width=0.5,
                            extra=dict(batch_norm=False)),
     # A residual net without BN (thirty-sixth session): ResNet-20 with a bias per conv and no BN, where
-    # He's init lets the variance about double block by block (its logits' std about 28 on CIFAR-10
-    # images, LSUV's and kmeans-variance's 1-1.5) and Fixup-style rescaling is the usual fix. VGG-11
+    # He's init lets the activations grow stage by stage (logits' std 7.2 on 256 CIFAR-10 images, LSUV's
+    # and kmeans-variance's 1.0-1.8: docs/results/fair/nobn/scale.md) and Fixup's rescaling is the usual fix. VGG-11
     # without BN's rates (a factor 4 below the nets with BN), extended where a best is at an end;
     # ResNet-20's k-means candidates, and Fixup's init among the baselines.
     "resnet20-nobn": FairArch("resnet20", {"sgd": [0.0008, 0.0032, 0.0128, 0.0512]}, extra=dict(batch_norm=False),
