@@ -72,3 +72,11 @@ def test_fixup_is_seeded_and_refuses_nets_without_blocks():
         assert torch.equal(v, w), k
     with pytest.raises(ValueError, match="fixup needs residual blocks.*VGG"):
         initialize_(create_model("vgg11", width=0.25), "fixup")
+
+    class TutorialNet(nn.Module):  # a plain net whose own convs are named conv1, conv2: not a block
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2, self.fc = nn.Conv2d(3, 6, 5), nn.Conv2d(6, 16, 5), nn.Linear(16, 10)
+
+    with pytest.raises(ValueError, match="fixup needs residual blocks.*TutorialNet"):
+        initialize_(TutorialNet(), "fixup")

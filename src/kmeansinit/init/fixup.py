@@ -28,9 +28,12 @@ __all__ = ["fixup_", "residual_blocks"]
 def residual_blocks(model: nn.Module) -> dict[str, list[nn.Module]]:
     """The residual blocks of ``model``: each module with conv children ``conv1``, ``conv2`` (and
     ``conv3``, ...), as this zoo's and torchvision's BasicBlock and Bottleneck name them, mapped to
-    those convs in order (the branch; a projection shortcut is not part of it)."""
+    those convs in order (the branch; a projection shortcut is not part of it). The model itself is
+    never a block: a plain net whose own convs are named so (PyTorch's tutorial CNN) has none."""
     out = {}
     for name, m in model.named_modules():
+        if not name:
+            continue
         convs = []
         while isinstance(getattr(m, f"conv{len(convs) + 1}", None), nn.modules.conv._ConvNd):
             convs.append(getattr(m, f"conv{len(convs) + 1}"))
