@@ -140,7 +140,7 @@ FAIR_ARCHS = {
     "vgg11-nobn": FairArch("vgg11", {"sgd": [0.0008, 0.0032, 0.0128, 0.0512]}, width=0.5,
                            extra=dict(batch_norm=False)),
     # A residual net without BN (thirty-sixth session): ResNet-20 with a bias per conv and no BN, where
-    # He's init lets the activations grow stage by stage (logits' std 7.2 on 256 CIFAR-10 images, LSUV's
+    # He's init lets the activations grow stage by stage (logits' std 7.1 on a cell's 256 init images, LSUV's
     # and kmeans-variance's 1.0-1.8: docs/results/fair/nobn/scale.md) and Fixup's rescaling is the usual fix. VGG-11
     # without BN's rates (a factor 4 below the nets with BN), extended where a best is at an end;
     # ResNet-20's k-means candidates, and Fixup's init among the baselines.
