@@ -33,12 +33,13 @@ import torch.nn as nn
 from torch import Tensor
 
 from .init import DATA_FREE, check_options, initialize_, seeded_options
-from .report_fair import _stats, _welch
+from .report_fair import BASELINES, _stats, _welch
 
 __all__ = ["compare_inits", "Comparison", "BASELINE_METHODS"]
 
-#: Methods that are not k-means inits: the rows :meth:`Comparison.table` measures the others against.
-BASELINE_METHODS = ("normal", "xavier", "he", "lsuv", "whitening", "fixup")
+#: Methods that are not k-means inits: the rows :meth:`Comparison.table` measures the others against
+#: (the fair grid's baselines, and the paper's N(0, 1e-3)).
+BASELINE_METHODS = ("normal", *BASELINES)
 
 
 @dataclass
