@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from ._model import find_layers
 from .baselines import _report, he_
+from .report import InitReport
 
 __all__ = ["fixup_", "residual_blocks"]
 
@@ -42,7 +43,7 @@ def residual_blocks(model: nn.Module) -> dict[str, list[nn.Module]]:
     return out
 
 
-def fixup_(model: nn.Module, generator: torch.Generator | None = None):
+def fixup_(model: nn.Module, generator: torch.Generator | None = None) -> InitReport:
     """Fixup's init of a residual net in place (module docstring): He's init everywhere, then each
     block's last conv and the last linear layer (the classifier) at zero, and the block's other convs
     scaled by ``L ** (-1 / (2m - 2))``; biases 0. Blocks are found by :func:`residual_blocks`; a model
@@ -63,5 +64,5 @@ def fixup_(model: nn.Module, generator: torch.Generator | None = None):
             convs[-1].weight.zero_()
         if linears:
             linears[-1].weight.zero_()  # biases are zero already (he_)
-    report = _report("fixup", find_layers(model, include_linear=True), start)
-    return report
+    # he_'s own report is replaced: rule 1's zeros change the filters it describes.
+    return _report("fixup", find_layers(model, include_linear=True), start)
