@@ -393,6 +393,11 @@ def test_fair_only_runs_the_named_inits_and_names_an_unknown_one(capsys, tmp_pat
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("python")]
     assert len(lines) == 2 * 4  # two inits at the four rates of the sweep
     assert sum("zca_eps=1.0" in l for l in lines) == 4 and sum("--init he " in l for l in lines) == 4
+    assert all("zca_eps=1.0" in l for l in lines[:4])  # in the order given, not the setting's
+    assert main(["reproduce", "fair", "--arch", "vgg11", "--only", "he", "--only", "kmeans-variance-eps1",
+                 "--out", out, "--dry-run"]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("python")]
+    assert all("--init he " in l for l in lines[:4]) and all("zca_eps=1.0" in l for l in lines[4:])
     # kmeans-variance-eps1 is an init of the nets with BN only: an arch with none of the named inits is
     # passed over; a name none of the archs has is an error naming it, before any cell runs.
     assert main(["reproduce", "fair", "--arch", "paper-nobn", "--arch", "vgg11", "--only", "kmeans-variance-eps1",

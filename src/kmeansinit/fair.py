@@ -444,7 +444,8 @@ def run_fair(out, archs, optimizers=("sgd",), *, seeds: int = 3, jobs: int = 2, 
         for opt in optimizers:
             if opt not in FAIR_ARCHS[arch].lrs:
                 continue
-            inits = {k: v for k, v in _inits(arch).items() if not only or k in only}
+            every = _inits(arch)  # with --only, in the order given (as table2's rows): the first named runs first
+            inits = {k: every[k] for k in dict.fromkeys(only) if k in every} if only else every
             if not inits:
                 continue
             kw = dict(data=data, val=val, precision=precision, inits=inits)
