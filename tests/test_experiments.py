@@ -450,7 +450,7 @@ def test_fair_long_settings_keep_their_sources_net_and_recipe():
 
     longs = {k: a for k, a in FAIR_ARCHS.items() if a.rates_from}
     assert set(longs) == {"paper-long", "paper-nobn-long", "vgg11-long", "mobilenetv2-long", "vgg11-nobn-long",
-                          "resnet20-long"}
+                          "resnet20-long", "resnet20-nobn-long"}
     for name, a in longs.items():
         src = FAIR_ARCHS[a.rates_from]
         assert name == f"{a.rates_from}-long" and not src.rates_from
@@ -464,11 +464,14 @@ def test_fair_long_settings_keep_their_sources_net_and_recipe():
     assert {"xavier", "kmeans-variance-eps1"} <= set(FAIR_ARCHS["mobilenetv2-long"].compare)
     assert {"lsuv", "kmeans-he-norm"} <= set(FAIR_ARCHS["vgg11-nobn-long"].compare)
     assert FAIR_ARCHS["vgg11-nobn-long"].extra == dict(batch_norm=False)
+    assert {"lsuv", "fixup", "kmeans-variance-eps1"} <= set(FAIR_ARCHS["resnet20-nobn-long"].compare)
+    assert FAIR_ARCHS["resnet20-nobn-long"].extra == dict(batch_norm=False)
     assert {"lsuv", "kmeans-fast-eps1", "kmeans-variance-eps1"} <= set(FAIR_ARCHS["resnet20-long"].compare)
     assert FAIR_ARCHS["resnet20-long"].final_epochs == 10.0  # 5x its source, checked for every setting above
     # every long setting checks each init's neighbouring rates at the long budget
     assert {n: a.rate_check for n, a in longs.items()} == {n: (0.5, 2.0) for n in (
-        "paper-long", "paper-nobn-long", "vgg11-long", "mobilenetv2-long", "vgg11-nobn-long", "resnet20-long")}
+        "paper-long", "paper-nobn-long", "vgg11-long", "mobilenetv2-long", "vgg11-nobn-long", "resnet20-long",
+        "resnet20-nobn-long")}
 
 
 def test_fair_long_zoo_setting_runs_at_the_source_sweeps_rates(capsys, tmp_path):

@@ -213,6 +213,10 @@ FAIR_ARCHS.update({
                              rate_check=(0.5, 2.0)),
     # Without BN an init's scale and the rate interact most, so its rates are checked at 10 epochs too.
     "vgg11-nobn-long": _longer("vgg11-nobn", ("he", "lsuv", "kmeans-he-norm"), rate_check=(0.5, 2.0)),
+    # ResNet-20 without BN (thirty-seventh session): after 2 epochs the zoo's preset led LSUV, the best
+    # baseline, by about 5 points and Fixup, the residual nets' own answer to no BN, by about 20; Fixup
+    # starts every block at its shortcut, a slow start that a longer budget may make up.
+    "resnet20-nobn-long": _longer("resnet20-nobn", ("lsuv", "fixup", "kmeans-variance-eps1"), rate_check=(0.5, 2.0)),
 })
 
 
